@@ -1,0 +1,15 @@
+"""revllm: reversible large language models (arXiv 2512.02056) for memory-free training and fine-tuning.
+
+``import revllm`` registers ``RevLLMConfig`` / ``RevLLMForCausalLM`` with transformers' Auto classes,
+so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a saved revllm model.
+"""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .dynamics import DYNAMICS
+from .modeling import RevLLMConfig, RevLLMForCausalLM
+
+AutoConfig.register("revllm", RevLLMConfig)
+AutoModelForCausalLM.register(RevLLMConfig, RevLLMForCausalLM)
+
+__version__ = "0.1.0"
+__all__ = ["DYNAMICS", "RevLLMConfig", "RevLLMForCausalLM", "__version__"]

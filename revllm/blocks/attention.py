@@ -1,0 +1,49 @@
+"""Attention: one fixed signature, two implementations (sdpa for speed, eager as the test oracle).
+
+Shapes: q (B, H, T, K); k, v (B, Hkv, S, K) with H a multiple of Hkv (grouped-query attention).
+``mask`` is None (pure causal, T == S) or a boolean (B, 1, T, S) tensor, True = attend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sdpa(q, k, v, mask=None, dropout_p=0.0, scale=None):
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale, enable_gqa=gqa
+    )
+
+
+def eager(q, k, v, mask=None, dropout_p=0.0, scale=None):
+    """Reference: explicit softmax(QK^T)V. Used by tests to check ``sdpa``."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if mask is None:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), p=dropout_p)
+    return probs @ v
+
+
+ATTENTION = {"sdpa": sdpa, "eager": eager}
+
+
+def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) causal mask with padded keys removed, or None when no padding is present.
+
+    A query always sees itself, so fully padded rows (left padding) stay finite instead of NaN.
+    """
+    if attention_mask is None or (q_len == kv_len and bool(attention_mask.all())):
+        return None
+    offset = kv_len - q_len
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)
+    keys = attention_mask[:, None, None, :kv_len].to(torch.bool)
+    diag = torch.zeros(q_len, kv_len, dtype=torch.bool, device=device)
+    diag[torch.arange(q_len), torch.arange(q_len) + offset] = True
+    return (causal & keys) | diag

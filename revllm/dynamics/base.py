@@ -1,0 +1,86 @@
+"""The dynamics protocol: one residual-update rule, its exact inverse, and the registry.
+
+Every rule carries a pair of streams ``(x, y)`` = (older, newer) and advances it by
+
+    z = A_j * x + B_j * y + C_j * f_j(y)            (two-step form, paper section 3)
+    (x, y) -> (y, z)
+
+so ``inverse`` recovers ``x = (z - B_j y - C_j f_j(y)) / A_j`` from the pair ``(y, z)`` that the
+backward pass still holds, evaluating ``f_j`` only at ``y``. A rule is reversible iff ``A_j != 0``.
+
+A layer may apply the rule more than once with different parts of the block (``parts``): the
+Hamiltonian rule (eqs. 2.8-2.9) is two such half-steps, one with the attention branch and one with
+the MLP branch. The engine only ever sees ``parts``, ``coefficients``, ``step`` and ``inverse``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DYNAMICS: dict[str, type["Dynamics"]] = {}
+
+
+def register(cls: type["Dynamics"]) -> type["Dynamics"]:
+    """Class decorator: make a rule available under ``cls.name``."""
+    DYNAMICS[cls.name] = cls
+    return cls
+
+
+class Dynamics(nn.Module):
+    """Base class. Subclasses set ``name``/``reversible``/``parts`` and implement ``coefficients``.
+
+    It is an ``nn.Module`` so that per-layer coefficients (midpoint_a's ``a``) are persistent buffers
+    saved with the weights.
+    """
+
+    name: str = ""
+    reversible: bool = True
+    parts: tuple[str, ...] = ("full",)  # block parts evaluated in order, one half-step each
+    default_step_size: float = 1.0
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_layers = config.num_hidden_layers
+        self.h = float(config.step_size)
+
+    def coefficients(self, j: int):
+        """(A, B, C) of layer ``j``: python floats or 0-d tensors."""
+        raise NotImplementedError
+
+    def step(self, j: int, x: torch.Tensor, y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+        """z = A x + B y + C f(y). Streams stay in their own dtype (fp32 under autocast)."""
+        a, b, c = self.coefficients(j)
+        z = _scaled(c, fy.to(y.dtype))
+        if not _is_zero(a):
+            z = z + _scaled(a, x)
+        if not _is_zero(b):
+            z = z + _scaled(b, y)
+        return z
+
+    def inverse(self, j: int, y: torch.Tensor, z: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+        """x = (z - B y - C f(y)) / A, the exact algebraic inverse of ``step``."""
+        a, b, c = self.coefficients(j)
+        if not self.reversible:
+            raise RuntimeError(f"dynamics '{self.name}' is not reversible")
+        r = z - _scaled(c, fy.to(y.dtype))
+        if not _is_zero(b):
+            r = r - _scaled(b, y)
+        return r if _is_one(a) else r / a
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, h={self.h}, layers={self.num_layers}"
+
+
+def _is_zero(v) -> bool:
+    return not torch.is_tensor(v) and v == 0
+
+
+def _is_one(v) -> bool:
+    return not torch.is_tensor(v) and v == 1
+
+
+def _scaled(coef, t: torch.Tensor) -> torch.Tensor:
+    # Skip multiplications by exactly 1 so midpoint/hamiltonian add f(y) without an extra rounding.
+    if _is_one(coef):
+        return t
+    return coef * t

@@ -1,0 +1,132 @@
+"""RevLLMConfig: a transformers ``PreTrainedConfig`` for reversible decoder-only LMs.
+
+Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). The reversible fields:
+
+* ``block``: residual-branch family, ``"gpt2"`` (LayerNorm, learned positions, GELU, biases) or
+  ``"llama"`` (RMSNorm, RoPE, SwiGLU, GQA; ``qkv_bias`` covers Qwen2).
+* ``dynamics``: ``euler`` | ``midpoint`` | ``leapfrog`` | ``midpoint_a`` | ``hamiltonian``.
+* ``step_size``: h; ``None`` picks the rule's default (midpoint 0.5 so that 2h = 1, others 1.0).
+* ``initial_state``: the second initial stream, which the paper leaves open.
+  ``"copy"`` (default): p_{-1} = p_0 (Hamiltonian: q_0 = p_0); ``"zero"``: p_{-1} = 0;
+  ``"fixed_point"``: p_{-1} = p_0 - f_0(p_0), one inverted residual step (the paper's retrofit, section 4).
+  The newest stream (p_L) always feeds the final norm and the LM head.
+* ``memory_free``: reversible backward (default for reversible rules) or ordinary stored autograd.
+* ``midpoint_a`` / ``midpoint_a_seed`` / ``midpoint_a_floor``: midpoint_a's coefficients.
+* ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy, so full logits are never held.
+"""
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+BLOCKS = ("gpt2", "llama")
+INITIAL_STATES = ("copy", "zero", "fixed_point")
+
+
+class RevLLMConfig(PretrainedConfig):
+    model_type = "revllm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    block: str = "llama"
+    dynamics: str = "midpoint"
+    step_size: float | None = None
+    initial_state: str = "copy"
+    memory_free: bool | None = None
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 1024
+    hidden_act: str | None = None
+    rms_norm_eps: float = 1e-5
+    layer_norm_epsilon: float = 1e-5
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    loss_chunk_size: int = 1024
+
+    midpoint_a: float | list | None = None
+    midpoint_a_seed: int = 0
+    midpoint_a_floor: float = 0.25
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self, **kwargs):
+        from ..dynamics import DYNAMICS
+
+        if self.dynamics not in DYNAMICS:
+            raise ValueError(f"dynamics={self.dynamics!r} is unknown; allowed: {', '.join(sorted(DYNAMICS))}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r} is unknown; allowed: {', '.join(BLOCKS)}")
+        if self.initial_state not in INITIAL_STATES:
+            raise ValueError(f"initial_state={self.initial_state!r} is unknown; allowed: {', '.join(INITIAL_STATES)}")
+        rule = DYNAMICS[self.dynamics]
+        if self.step_size is None:
+            self.step_size = rule.default_step_size
+        if not (isinstance(self.step_size, (int, float)) and self.step_size > 0 and math.isfinite(self.step_size)):
+            raise ValueError(f"step_size={self.step_size!r} must be a finite number > 0")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "loss_chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.block == "gpt2" and self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError("num_key_value_heads must equal num_attention_heads for block='gpt2'")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.hidden_act is None:
+            self.hidden_act = "gelu_new" if self.block == "gpt2" else "silu"
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+        if self.memory_free is None:
+            self.memory_free = rule.reversible
+        elif self.memory_free and not rule.reversible:
+            # Refused rather than silently falling back: the user asked for something impossible.
+            raise ValueError(
+                f"memory_free=True needs a reversible dynamics; {self.dynamics!r} is not "
+                f"(use one of {', '.join(sorted(k for k, v in DYNAMICS.items() if v.reversible))}, or memory_free=False)"
+            )
+        if self.dynamics == "midpoint_a":
+            self._check_midpoint_a()
+        super().__post_init__(**kwargs)
+
+    def _check_midpoint_a(self):
+        from ..dynamics.midpoint import draw_midpoint_a
+
+        a = self.midpoint_a
+        if isinstance(a, (list, tuple)) and len(a) != self.num_hidden_layers:
+            raise ValueError(
+                f"midpoint_a has {len(a)} values; it needs one per layer (num_hidden_layers={self.num_hidden_layers})"
+            )
+        if a is not None and not isinstance(a, (int, float, list, tuple)):
+            raise ValueError(f"midpoint_a={a!r} must be None (random draw), a number, or a per-layer list")
+        for j, v in enumerate(draw_midpoint_a(self)):
+            if not math.isfinite(v) or abs(v) < self.midpoint_a_floor:
+                raise ValueError(
+                    f"midpoint_a[{j}]={v:g} is below midpoint_a_floor={self.midpoint_a_floor:g}: float "
+                    f"reconstruction divides by a and amplifies error by 1/|a| per layer; use exact "
+                    f"reversal (exact_reversal=True) or a larger |a|"
+                )

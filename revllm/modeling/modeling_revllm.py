@@ -1,0 +1,198 @@
+"""RevLLMForCausalLM: a Hugging Face causal LM whose layers are joined by a reversible dynamics.
+
+Composition (style: the engine is applied to the model, not woven into it):
+  * ``model``: the family backbone (embeddings, the residual branches f_j, the final norm), HF names;
+  * ``dynamics``: the update rule between layers (and midpoint_a's coefficient buffer);
+  * ``lm_head``: tied to the token embedding unless ``tie_word_embeddings=False``.
+
+Training path: one call to the reversible engine over the whole stack (``memory_free``), or the same
+arithmetic under ordinary autograd. Inference with a KV cache runs the plain loop: reversibility is only
+needed for the backward.
+Shape legend: B batch, T tokens, D width, V vocab.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..blocks import BACKBONES
+from ..blocks.attention import build_mask
+from ..dynamics import build_dynamics
+from ..engine import Stack, run_stack
+from .configuration_revllm import RevLLMConfig
+from .loss import chunked_causal_lm_loss
+
+
+class RevLLMPreTrainedModel(PreTrainedModel):
+    config_class = RevLLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["GPT2Block", "LlamaBlock"]
+    # One regex for both families: only the family's own embedding exists in a given model.
+    _tied_weights_keys = {"lm_head.weight": r"model\.(embed_tokens|wte)\.weight"}
+
+    def _init_weights(self, module):
+        """Init table: Linear/Conv1D weights N(0, initializer_range), biases 0; embeddings
+        N(0, initializer_range); norms weight 1, bias 0; each branch's output projection (c_proj,
+        o_proj, down_proj) N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into
+        the streams; midpoint_a's ``a`` keeps its configured/seeded draw."""
+        from transformers import initialization as init
+        from transformers.pytorch_utils import Conv1D
+
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, Conv1D)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__:
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif type(module).__name__ == "MidpointA":
+            from ..dynamics.midpoint import draw_midpoint_a
+
+            init.copy_(module.a, torch.tensor(draw_midpoint_a(self.config), dtype=module.a.dtype))
+            module._a_cache = None
+        scaled = std / (2 * self.config.num_hidden_layers) ** 0.5
+        for name in ("c_proj", "o_proj", "down_proj"):
+            if isinstance(getattr(module, name, None), (nn.Linear, Conv1D)) and type(module).__name__ != "GPT2Block":
+                init.normal_(getattr(module, name).weight, mean=0.0, std=scaled)
+
+
+class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: RevLLMConfig):
+        super().__init__(config)
+        self.model = BACKBONES[config.block](config)
+        self.dynamics = build_dynamics(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # per-layer checkpointing of the stored path (baseline (b))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        if self.config.block == "gpt2":
+            self.model.wte = value
+        else:
+            self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # -- the stack ------------------------------------------------------------------------------
+    def _initial_pair(self, p0, stack: Stack):
+        """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
+        mode = self.config.initial_state
+        if mode == "copy":
+            return p0, p0
+        if mode == "zero":
+            return torch.zeros_like(p0), p0
+        # "fixed_point": p_{-1} = p_0 - h f_0(p_0), the residual update inverted to first order.
+        # Evaluated under ordinary autograd (one layer's activations), with its own cache slot.
+        kw = dict(stack.block_kwargs)
+        if kw.get("cache") is not None:
+            kw["cache"] = kw["cache"].at(self.config.num_hidden_layers)
+        f0 = self.model.layers[0](p0, part="full", **{k: v for k, v in kw.items() if k != "cache"}, cache=kw.get("cache"))
+        return p0 - self.dynamics.h * f0.to(p0.dtype), p0
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int = 0,
+        return_dict=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        use_cache = bool(use_cache) and not self.training
+        if use_cache and past_key_values is None:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+        if attention_mask is not None and attention_mask.shape[-1] < past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, need {past + T}")
+
+        p0, block_kwargs = self.model.embed(input_ids, position_ids, inputs_embeds)
+        block_kwargs["attention_mask"] = build_mask(attention_mask, T, past + T, device)
+        caching = past_key_values is not None
+        if caching:
+            block_kwargs["cache"] = _CacheView(past_key_values)
+        preserve_rng = self.training and self.config.dropout > 0
+        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng)
+        x0, y0 = self._initial_pair(p0, stack)
+
+        # The reversible backward only pays off when a backward will run; caching would be updated
+        # twice by its recomputation, so the cached (inference) path is the plain loop.
+        memory_free = self.config.memory_free and torch.is_grad_enabled() and not caching
+        if memory_free and self.gradient_checkpointing:
+            warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
+        if caching:
+            stack.block_kwargs = dict(block_kwargs)
+            x = (x0, y0)
+            for j, block in enumerate(stack.blocks):
+                stack.block_kwargs["cache"] = block_kwargs["cache"].at(j)
+                for part in self.dynamics.parts:
+                    x = (x[1], self.dynamics.step(j, x[0], x[1], stack.f(block, part, x[1])))
+            _, yL = x
+        elif not memory_free and self.gradient_checkpointing and torch.is_grad_enabled():
+            _, yL = self._checkpointed_stack(x0, y0, stack)
+        else:
+            _, yL = run_stack(x0, y0, stack, memory_free=memory_free)
+
+        hidden = self.model.final_norm(yL)
+        loss, logits = None, None
+        if labels is not None:
+            loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, self.config.loss_chunk_size)
+        # With labels and a backward ahead, full logits are not built: that is the memory the chunked
+        # loss saves. Evaluation (no grad) and generation get logits as usual.
+        if labels is None or not torch.is_grad_enabled():
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+            logits = self.lm_head(hidden[:, keep])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def _checkpointed_stack(self, x, y, stack: Stack):
+        """Stored path with per-layer activation checkpointing (HF's gradient checkpointing)."""
+
+        def layer(j, block, x, y):
+            for part in self.dynamics.parts:
+                x, y = y, self.dynamics.step(j, x, y, stack.f(block, part, y))
+            return x, y
+
+        for j, block in enumerate(stack.blocks):
+            x, y = self._gradient_checkpointing_func(layer, j, block, x, y)
+        return x, y
+
+
+class _CacheView:
+    """Adapts an HF Cache to the blocks' ``cache.update(k, v)``; one slot per layer."""
+
+    def __init__(self, cache, idx: int | None = None):
+        self.cache, self.idx = cache, idx
+
+    def at(self, idx: int) -> "_CacheView":
+        return _CacheView(self.cache, idx)
+
+    def update(self, k, v):
+        return self.cache.update(k, v, self.idx)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install revllm with everything the demo and the tests need.
+# torch is installed pinned and FIRST: an unpinned torch would pull a multi-GB CUDA build here.
+# GPU users: install your CUDA build of torch into .venv before running this; it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -c "import torch" 2>/dev/null || pip install -q "torch==${REVLLM_TORCH_VERSION:-2.13.0}"
+pip install -q -e ".[dev,convert,data]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import revllm, torch; print(f'revllm {revllm.__version__} | torch {torch.__version__}')"

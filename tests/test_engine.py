@@ -1,0 +1,153 @@
+"""The reversible engine against ordinary autograd on the same model (float64, tight tolerances)."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAMILIES, REVERSIBLE, tiny_model
+
+
+def _grads(model, ids, memory_free, seed):
+    model.config.memory_free = memory_free
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    torch.manual_seed(seed)  # same dropout masks in both runs
+    loss = model(inputs_embeds=emb, labels=ids).loss
+    loss.backward()
+    return loss.detach(), emb.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("layers", [1, 2, 5])
+@pytest.mark.parametrize("block", FAMILIES)
+@pytest.mark.parametrize("dynamics", REVERSIBLE)
+def test_memory_free_gradients_match_stored(dynamics, block, layers, dropout):
+    model = tiny_model(block=block, dynamics=dynamics, layers=layers, dropout=dropout, dtype=torch.float64)
+    model.train()
+    ids = torch.randint(0, 97, (2, 12))
+    loss_s, emb_s, g_s = _grads(model, ids, False, seed=1)
+    loss_m, emb_m, g_m = _grads(model, ids, True, seed=1)
+    assert _rel(loss_m, loss_s) <= 1e-10
+    assert _rel(emb_m, emb_s) <= 1e-10
+    assert g_m.keys() == g_s.keys() and len(g_s) == len(list(model.parameters()))
+    for name in g_s:
+        assert _rel(g_m[name], g_s[name]) <= 1e-10, name
+    if dropout:  # dropout is really active: a different seed changes the loss
+        other, _, _ = _grads(model, ids, True, seed=2)
+        assert other != loss_m
+
+
+def _saved_bytes(model, ids):
+    params = {p.data_ptr() for p in model.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return total[0]
+
+
+@pytest.mark.parametrize("dynamics", REVERSIBLE)
+def test_saved_bytes_do_not_grow_with_depth(dynamics):
+    ids = torch.randint(0, 97, (2, 32))
+    sizes = {}
+    for mf in (True, False):
+        for layers in (3, 24):
+            m = tiny_model(dynamics=dynamics, layers=layers, memory_free=mf)
+            sizes[mf, layers] = _saved_bytes(m, ids)
+    assert sizes[True, 24] <= 1.05 * sizes[True, 3]
+    # Stored mode grows linearly: 21 more layers cost ~7x the 3-layer stack.
+    per_layer = (sizes[False, 24] - sizes[False, 3]) / 21
+    assert per_layer > 0.5 * sizes[False, 3] / 3
+    assert sizes[False, 24] > 3 * sizes[True, 24]
+
+
+@pytest.mark.parametrize("block", FAMILIES)
+@pytest.mark.parametrize("dynamics", REVERSIBLE)
+def test_forward_then_inverse_returns_inputs(dynamics, block):
+    model = tiny_model(block=block, dynamics=dynamics, layers=6, dtype=torch.float64).eval()
+    ids = torch.randint(0, 97, (2, 10))
+    p0, kw = model.model.embed(ids, torch.arange(10).expand(2, 10))
+    dyn = model.dynamics
+    x, y = torch.randn_like(p0), p0
+    steps = [(j, b, part) for j, b in enumerate(model.model.layers) for part in dyn.parts]
+    with torch.no_grad():
+        a, b = x, y
+        for j, blk, part in steps:
+            a, b = b, dyn.step(j, a, b, blk(b, part=part, **kw))
+        for j, blk, part in reversed(steps):
+            a, b = dyn.inverse(j, a, b, blk(a, part=part, **kw)), a
+    assert torch.allclose(a, x, rtol=0, atol=1e-12) and torch.allclose(b, y, rtol=0, atol=1e-12)
+
+
+def test_frozen_parameters_get_no_gradient_and_inputs_without_grad():
+    model = tiny_model(dynamics="midpoint", layers=3)
+    for n, p in model.named_parameters():
+        p.requires_grad_("mlp" in n)  # frozen embeddings: the streams need no grad
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == ("mlp" in n), n
+    mlp_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.config.memory_free = False
+    model(ids, labels=ids).loss.backward()
+    for n, g in mlp_grads.items():
+        assert torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_bf16_autocast_keeps_streams_fp32_and_matches_stored():
+    model = tiny_model(dynamics="leapfrog", layers=4)
+    ids = torch.randint(0, 97, (2, 16))
+    seen = []
+    orig = model.dynamics.step
+
+    def spy(j, x, y, fy):
+        z = orig(j, x, y, fy)
+        seen.append((fy.dtype, z.dtype))
+        return z
+
+    model.dynamics.step = spy
+    grads = {}
+    for mf in (False, True):
+        model.config.memory_free = mf
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads[mf] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (torch.bfloat16, torch.float32) in seen and all(z == torch.float32 for _, z in seen)
+    cos = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
+    assert cos > 0.99
+
+
+def test_sdpa_matches_eager_attention():
+    from revllm.blocks.attention import build_mask, eager, sdpa
+
+    q = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    assert torch.allclose(sdpa(q, k, v), eager(q, k, v), atol=1e-12)
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    mask = build_mask(am, 7, 7, "cpu")
+    assert torch.allclose(sdpa(q, k, v, mask), eager(q, k, v, mask), atol=1e-12)
+
+
+def test_activation_checkpointing_matches_stored():
+    model = tiny_model(dynamics="euler", layers=3)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    for r, p in zip(ref, model.parameters()):
+        assert torch.allclose(r, p.grad, atol=1e-6)
