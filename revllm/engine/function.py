@@ -72,16 +72,20 @@ class ReversibleStackFunction(torch.autograd.Function):
         dyn = stack.dynamics
         dev = y.device
         rng_states = []
-        for j, block, part in stack.substeps():
-            if stack.preserve_rng:
-                rng_states.append(rng.capture(dev))
-            x, y = y, dyn.step(j, x, y, stack.f(block, part, y))
-        ctx.stack, ctx.rng_states = stack, rng_states
+        # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
+        # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
         ctx.autocast = dict(
             device_type=dev.type,
             enabled=torch.is_autocast_enabled(dev.type),
             dtype=torch.get_autocast_dtype(dev.type),
+            cache_enabled=False,
         )
+        with torch.autocast(**ctx.autocast):
+            for j, block, part in stack.substeps():
+                if stack.preserve_rng:
+                    rng_states.append(rng.capture(dev))
+                x, y = y, dyn.step(j, x, y, stack.f(block, part, y))
+        ctx.stack, ctx.rng_states = stack, rng_states
         ctx.save_for_backward(x, y)
         return x, y
 
