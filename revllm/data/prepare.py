@@ -179,7 +179,8 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
         tok.save_pretrained(tok_dir)
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
-                "val_fraction": val_fraction, "inputs": [str(p) for _, p in sources]}
+                "val_fraction": val_fraction, "requested": [str(p) for p in inputs],
+                "inputs": [str(p) for _, p in sources]}
         tmp_meta = out / ".meta.json.tmp"
         tmp_meta.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_meta, out / "meta.json")  # written last: a token dir without meta.json is incomplete
