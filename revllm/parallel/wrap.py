@@ -126,12 +126,31 @@ def _fully_shard(model, mp_policy, reshard_after_forward, mesh):
     kw = dict(mp_policy=mp_policy, mesh=mesh)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
-        # prepend: must run before FSDP2's own pre-forward hook, which decides on the state it resets.
-        layer.register_forward_pre_hook(_fresh_recompute_hook, prepend=True, with_kwargs=True)
     # The root holds embeddings, tied LM head, final norm and the dynamics' buffers; it is not
     # resharded after forward (its weights are needed again at the start of the backward).
     fully_shard(model, **kw)
+    install_fsdp2_recompute_hooks(model)
     return model
+
+
+def install_fsdp2_recompute_hooks(model: nn.Module) -> int:
+    """Add ``_fresh_recompute_hook`` to every FSDP2-sharded layer of ``model``; returns how many.
+
+    ``parallelize(..., "fsdp2")`` does this itself. Call it after any other code applied
+    ``fully_shard`` to the layers (e.g. ``accelerate``'s FSDP2 plugin in ``Accelerator.prepare``);
+    without it the Hamiltonian's attention-half gradients are never reduce-scattered (they stay None).
+    Idempotent.
+    """
+    n = 0
+    for layer in unwrap(model).model.layers:
+        if not hasattr(layer, "_get_fsdp_state"):
+            continue
+        if not getattr(layer, "_revllm_recompute_hook", False):
+            # prepend: must run before FSDP2's own pre-forward hook, which reads the state it resets.
+            layer.register_forward_pre_hook(_fresh_recompute_hook, prepend=True, with_kwargs=True)
+            layer._revllm_recompute_hook = True
+        n += 1
+    return n
 
 
 def _fresh_recompute_hook(module, args, kwargs):
