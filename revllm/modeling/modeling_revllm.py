@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..blocks import BACKBONES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
-from ..engine import Stack, run_stack
+from ..engine import DriftMonitor, Stack, run_stack
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
 
@@ -145,7 +145,9 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if caching:
             block_kwargs["cache"] = _CacheView(past_key_values)
         preserve_rng = self.training and self.config.dropout > 0
-        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng)
+        exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
+        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
+                      DriftMonitor.attach(self, self.config))
         x0, y0 = self._initial_pair(p0, stack)
 
         # The reversible backward only pays off when a backward will run; caching would be updated
