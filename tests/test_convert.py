@@ -246,3 +246,26 @@ def test_cli_finetune_lora_sft_and_anneal(tmp_path):
     assert back.config.midpoint_a == 0.5  # k annealed 3 -> 1
     assert not any("lora" in k for k in back.state_dict())  # adapters merged
     assert cli_main(["finetune", str(tmp_path / "conv"), "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_euler_conversion_matches_and_generates():
+    """The real SmolLM2-135M-Instruct (cached fp32 copy of the GGUF): euler reproduces it; near-Euler stays close."""
+    try:
+        from revllm.assets import smollm2_model_dir
+
+        d = smollm2_model_dir()
+    except RevLLMError as e:
+        pytest.skip(str(e))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    src = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    rev = convert(src, dynamics="euler")
+    with torch.no_grad():
+        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-3
+    out = rev.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    near = convert(src, k=6)
+    assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
