@@ -269,3 +269,30 @@ def test_real_smollm2_euler_conversion_matches_and_generates():
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     near = convert(src, k=6)
     assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
+
+
+def test_cli_convert_with_report_and_distill(tmp_path, capsys):
+    import json
+
+    from revllm.cli import main as cli_main
+
+    src = tiny_hf("qwen2", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(tmp_path / "hf")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
+    data = _token_dir(tmp_path / "tok")
+    out = tmp_path / "conv"
+    assert cli_main(["convert", str(tmp_path / "hf"), str(out), "--k", "3", "--report-text", str(text), "--seq-len", "32",
+                     "--distill", str(data), "--steps", "2", "--batch-size", "2", "--eval-interval", "2",
+                     "--checkpoint-interval", "2"]) == 0
+    rep = json.loads((out / "conversion_report.json").read_text())
+    assert rep["converted_ppl"] > 0 and rep["kl_original_converted"] > 0 and rep["distill"]["steps"] == 2
+    assert "KL(original || converted)" in capsys.readouterr().out
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.midpoint_a == 1 / 8 and back.config.exact_reversal
