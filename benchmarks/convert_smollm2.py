@@ -93,7 +93,10 @@ def main():
     ap.add_argument("--distill-minutes", type=float, default=10.0)
     ap.add_argument("--anneal-minutes", type=float, default=0.0)
     ap.add_argument("--cost-steps", type=int, default=3)
+    ap.add_argument("--phases", default="before,distill,cost",
+                    help="comma list of before, distill, cost; results of other phases are kept from the JSON")
     args = ap.parse_args()
+    phases = set(args.phases.split(","))
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,18 +106,22 @@ def main():
     ids = torch.tensor(tok(kjv_text(args.kjv), add_special_tokens=False)["input_ids"])
     n_held = args.eval_tokens
     held, train = ids[-n_held:], ids[: -n_held - 1]  # held-out: the end of Revelation; never trained on
-    res = {"machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-           "command": " ".join(sys.argv), "torch": torch.__version__, "held_out_tokens": int(len(held)),
-           "before": {}, "distill": {}, "cost": {}}
+    old = OUT / "convert_smollm2.json"
+    res = json.loads(old.read_text()) if old.is_file() else {"before": {}, "distill": {}, "cost": {}}
+    res.setdefault("commands", [res.pop("command")] if "command" in res else [])
+    res["commands"].append(" ".join(sys.argv))
+    res.update({"machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+                "torch": torch.__version__, "held_out_tokens": int(len(held))})
     ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
 
     # -- 1. before training --------------------------------------------------------------------------
-    res["before"]["original"] = {"perplexity": ev(orig), "kl": 0.0}
+    if "before" in phases:
+        res["before"]["original"] = {"perplexity": ev(orig), "kl": 0.0}
     recipes = [("euler", {}), *[(f"midpoint_a k={k}", {"dynamics": "midpoint_a", "k": k}) for k in (6, 4, 2, 1)],
                ("midpoint", {"dynamics": "midpoint"}), ("leapfrog", {"dynamics": "leapfrog"}),
                ("hamiltonian", {"dynamics": "hamiltonian"}),
                ("midpoint h=0.5 copy", {"dynamics": "midpoint", "step_size": 0.5, "initial_state": "copy"})]
-    for name, kw in recipes:
+    for name, kw in recipes if "before" in phases else []:
         kw = kw or {"dynamics": "euler"}
         m = convert(orig, **kw)
         res["before"][name] = {"perplexity": ev(m), "kl": kl_divergence(orig, m, held, seq_len=args.eval_seq_len)}
@@ -153,18 +160,20 @@ def main():
         return {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
                 "memory_free": bool(model.config.memory_free)}
 
-    m = convert(orig, dynamics="midpoint_a", k=4)
-    res["distill"]["midpoint_a k=4"] = distill(m, args.distill_minutes, label="k=4")
-    _write(res)
+    if "distill" in phases:
+        m = convert(orig, dynamics="midpoint_a", k=4)
+        res["distill"]["midpoint_a k=4"] = distill(m, args.distill_minutes, label="k=4")
+        _write(res)
     if args.anneal_minutes > 0:
         m = convert(orig, dynamics="midpoint_a", k=4)
         est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
         res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, args.anneal_minutes, AnnealA(4, 0, int(est_steps * 0.8)),
                                                                label="anneal")
         _write(res)
-    del m
 
     # -- 3. step cost ----------------------------------------------------------------------------------
+    if "cost" not in phases:
+        return
     xs = [batch() for _ in range(args.cost_steps)]
     ce = lambda model, b: (model(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})  # noqa: E731
     src = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
@@ -172,8 +181,9 @@ def main():
     src.gradient_checkpointing_enable()
     res["cost"]["original fine-tune (CE), grad checkpointing"] = step_cost(src, ce, xs)
     del src
-    for name, kw in [("distill midpoint_a k=4 (stored)", dict(dynamics="midpoint_a", k=4)),
-                     ("distill midpoint (memory-free)", dict(dynamics="midpoint"))]:
+    for name, kw in [("distill midpoint_a k=4 (exact, memory-free)", dict(dynamics="midpoint_a", k=4)),
+                     ("distill midpoint_a k=4 (exact, stored)", dict(dynamics="midpoint_a", k=4, memory_free=False)),
+                     ("distill midpoint (float, memory-free)", dict(dynamics="midpoint"))]:
         res["cost"][name] = step_cost(convert(orig, **kw), loss_fn, xs)
         print(name, res["cost"][name], flush=True)
     res["cost_batch"] = f"{args.batch_size}x{args.seq_len}"
@@ -183,7 +193,7 @@ def main():
 def _write(res):
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "convert_smollm2.json").write_text(json.dumps(res, indent=1))
-    md = [f"# SmolLM2-135M-Instruct conversion ({res['machine']})", "", f"Command: `{res['command']}`", "",
+    md = [f"# SmolLM2-135M-Instruct conversion ({res['machine']})", "", "Commands: " + "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command")])), "",
           f"Held-out: last {res['held_out_tokens']} tokens of the KJV (end of Revelation), verse numbers removed.", "",
           "## Before training", "", "| conversion | perplexity | KL(original ‖ converted), nats/token |", "|---|---|---|"]
     for name, r in res["before"].items():
