@@ -189,3 +189,15 @@ def test_report_refuses_non_result_json(tmp_path):
     (tmp_path / "memory_cpu.json").write_text("{broken")
     with pytest.raises(RevLLMError, match="not valid JSON"):
         report.load(tmp_path / "memory_cpu.json")
+
+
+def test_merge_unites_parallel_runs_and_refuses_other_shapes(tmp_path):
+    a = memory.memory_table(["euler"], [2, 4], Spec(**TINY), worker=fake_worker)
+    b = memory.memory_table(["midpoint"], [2, 8], Spec(**TINY), worker=fake_worker)
+    m = report.merge([a, b])
+    assert [(r["config"], r["layers"]) for r in m["rows"]] == [("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 8)]
+    assert m["setup"]["depths"] == [2, 4, 8] and m["name"] == "memory"
+    assert "| (c) midpoint | 1.0 |  | 1.0 |" in report.render_markdown(m)
+    other = memory.memory_table(["midpoint"], [2], Spec(**{**TINY, "seq": 32}), worker=fake_worker)
+    with pytest.raises(RevLLMError, match="different seq"):
+        report.merge([a, other])

@@ -210,3 +210,43 @@ def plot(result: dict, path: Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+SHAPE_KEYS = ("d", "heads", "seq", "batch", "vocab", "block", "loss_chunk", "device", "dtype", "compile")
+ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers")}
+
+
+def merge(results: list[dict]) -> dict:
+    """One table from several runs of it (e.g. configurations run in parallel processes).
+
+    The model shape and machine must agree; rows are united (a later run's row replaces an earlier one
+    with the same configuration and depth/batch); every run's command is kept.
+    """
+    if not results:
+        raise RevLLMError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        if (r["table"], r["machine_tag"]) != (first["table"], first["machine_tag"]):
+            raise RevLLMError(f"cannot merge a {r['table']} table from {r['machine_tag']} into a "
+                              f"{first['table']} table from {first['machine_tag']}")
+        diff = [k for k in SHAPE_KEYS if r["setup"].get(k) != first["setup"].get(k)]
+        if diff:
+            raise RevLLMError(f"cannot merge runs with different {', '.join(diff)}")
+    key = ROW_KEYS[first["table"]]
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        for row in r["rows"]:
+            rows[tuple(row[k] for k in key)] = row
+    configs = list(dict.fromkeys(k[0] for k in rows))
+    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), row[key[1]]))
+    if first["table"] == "capacity":
+        merged_rows = sorted(merged_rows, key=lambda row: row["layers"])
+    setup = dict(first["setup"])
+    for k in ("depths", "batches"):
+        if k in setup:
+            setup[k] = sorted({v for r in results for v in r["setup"].get(k, [])})
+    out = {**first, "name": first["table"], "setup": setup, "rows": merged_rows,
+           "command": " ; ".join(dict.fromkeys(r["command"] for r in results)),
+           "created": max(r["created"] for r in results),
+           "partial": any(r.get("partial") for r in results)}
+    return out

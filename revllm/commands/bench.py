@@ -62,6 +62,11 @@ def add_parser(subparsers):
     r.add_argument("--results", default=DEFAULT_OUT, help="results directory")
     r.set_defaults(func=run_report)
 
+    g = sub.add_parser("merge", help="unite runs of one table (e.g. configurations run in parallel) into one result")
+    g.add_argument("inputs", nargs="+", help="result JSON files of the same table, machine and model shape")
+    g.add_argument("--out", default=DEFAULT_OUT, help="results directory for <table>_<machine>.{json,md,png}")
+    g.set_defaults(func=run_merge)
+
 
 def _base(args, batch: int = 8):
     from ..bench.configs import Spec, parse_configs, resolve_device
@@ -175,3 +180,12 @@ def run_report(args):
         if p.suffix == ".md":
             print(p.read_text())
     print("wrote " + ", ".join(str(p) for p in written))
+
+
+def run_merge(args):
+    from ..bench.report import load, merge, render_markdown, save
+
+    result = merge([load(p) for p in args.inputs])
+    paths = save(result, args.out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
