@@ -138,7 +138,7 @@ def test_capacity_table_with_fake_probe_and_paper_column(tmp_path):
     mid = next(r for r in res["rows"] if r["config"] == "midpoint")
     assert mid["vs_a"] == pytest.approx(100 * ((40 / 48) / (5 / 6) - 1))
     md = report.render_markdown(res)
-    assert "+20.7%" in md and "| 16 | (c) midpoint | 40 |" in md
+    assert "+20.7%" in md and "| 16 | (c) midpoint | 1,024.0 | 40 |" in md
 
 
 def test_capacity_budget_too_small_is_an_error():
@@ -201,3 +201,15 @@ def test_merge_unites_parallel_runs_and_refuses_other_shapes(tmp_path):
     other = memory.memory_table(["midpoint"], [2], Spec(**{**TINY, "seq": 32}), worker=fake_worker)
     with pytest.raises(RevLLMError, match="different seq"):
         report.merge([a, other])
+
+
+def test_capacity_resume_reuses_finished_search_and_measures_missing_throughput():
+    calls = []
+
+    def counting(job, timeout=None):
+        calls.append(job["task"])
+        return fake_worker(job, timeout)
+
+    prev = [{"config": "midpoint", "layers": 16, "max_batch": 40, "capped": False, "probes": [], "tokens_per_s": None}]
+    res = capacity.capacity_table(["midpoint"], [16], Spec(**TINY), budget=2**30, worker=counting, resume_rows=prev)
+    assert calls == ["throughput"] and res["rows"][0]["max_batch"] == 40 and res["rows"][0]["tokens_per_s"] > 0

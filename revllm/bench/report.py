@@ -149,18 +149,20 @@ def _md_speed(result):
 def _md_capacity(result):
     rows, s = result["rows"], result["setup"]
     out = ["# Max batch under a memory budget, and throughput at that batch", ""] + _header(result)
-    budget = s.get("budget_bytes")
-    out += [f"Budget: {'the card' if budget is None else _mib(budget) + ' MiB'}; seq {s['seq']}, {s['dtype']}. "
-            "Doubling then bisection, each probe a full forward + backward + AdamW step in a fresh process.", "",
-            "| layers | config | max batch | tokens/s | vs (a) | vs (b) | paper rev. vs baseline |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+    out += [f"Sequence length {s['seq']}, {s['dtype']}. Budget per row (none = the card). Doubling then bisection "
+            f"(tolerance {s.get('tolerance', 0)}), each probe a full forward + backward + AdamW step in a fresh process; "
+            f"tokens/s over {s.get('steps')} timed steps at the max batch.", "",
+            "| layers | config | budget (MiB) | max batch | tokens/s | vs (a) | vs (b) | paper rev. vs baseline |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        budget = r.get("budget_bytes", s.get("budget_bytes"))
+        budget = "card" if budget is None else _mib(budget)
         mb = "0 (batch 1 does not fit)" if r["max_batch"] == 0 else f"{r['max_batch']}" + ("+" if r.get("capped") else "")
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         va = f"{r['vs_a']:+.1f}%" if r.get("vs_a") is not None else ""
         vb = f"{r['vs_b']:+.1f}%" if r.get("vs_b") is not None else ""
         paper = f"+{PAPER_TABLE4[r['layers']]}%" if config_kind(r["config"]) == "c" and r["layers"] in PAPER_TABLE4 else ""
-        out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {mb} | {tps} | {va} | {vb} | {paper} |")
+        out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {budget} | {mb} | {tps} | {va} | {vb} | {paper} |")
     out += ["", "Paper: bf16 on one GPU, sequence length not stated in the paper; ours: the setup line above."]
     return out
 

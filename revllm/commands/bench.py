@@ -56,6 +56,7 @@ def add_parser(subparsers):
     c.add_argument("--tolerance", type=float, default=0.0, help="stop bisecting within this fraction (0 = exact)")
     c.add_argument("--steps", type=int, default=3, help="timed steps at the max batch")
     c.add_argument("--warmup", type=int, default=1)
+    c.add_argument("--resume", default=None, help="result JSON of an interrupted run: reuse its finished searches")
     c.set_defaults(func=run_capacity)
 
     r = sub.add_parser("report", help="re-render every result's Markdown/PNG from its JSON and print the tables")
@@ -166,7 +167,15 @@ def run_capacity(args):
         raise RevLLMError("need 1 <= --start-batch <= --max-batch and 0 <= --tolerance < 1")
     if args.steps < 1 or args.warmup < 0:
         raise RevLLMError("--steps must be positive and --warmup non-negative")
-    result = capacity_table(configs, depths, spec, budget=budget, start=args.start_batch, cap=args.max_batch,
+    resume_rows = []
+    if args.resume:
+        from ..bench.report import load
+
+        prev = load(args.resume)
+        if prev["table"] != "capacity":
+            raise RevLLMError(f"--resume {args.resume} is a {prev['table']} table, not capacity")
+        resume_rows = prev["rows"]
+    result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
                             tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
                             on_row=_saver(args))
     _finish(result, args)
