@@ -17,9 +17,10 @@ $PY -m revllm.cli bench speed --device cuda --dtype bf16 --configs $ALL \
     --layers 32 --d 512 --heads 8 --seq 1024 --batch 32 --vocab 8192 --repeats 10 --warmup 2
 
 # Table 3: max batch on the card (doubling then bisection, fresh process per probe), tokens/s there.
-# Paper Table 4 setup: d=512, 8 heads, 16/32/64/96 layers.
+# Paper Table 4 setup: d=512, 8 heads, 16/32/64/96 layers. About 120 probes of ~10-15 s each; an
+# interrupted run keeps its finished rows (saved per row) and continues with --resume <its json>.
 $PY -m revllm.cli bench capacity --device cuda --dtype bf16 --configs euler,euler_ckpt,midpoint \
-    --depths 16,32,64,96 --d 512 --heads 8 --seq 1024 --vocab 8192 --tolerance 0.05 --steps 5 --warmup 2
+    --depths 16,32,64,96 --d 512 --heads 8 --seq 1024 --vocab 8192 --start-batch 8 --tolerance 0.1 --steps 5 --warmup 2
 
 # Memory-free tokens/s vs batch at 32 layers (the earlier session saw it fall with batch).
 $PY -m revllm.cli bench speed --device cuda --dtype bf16 --configs midpoint \

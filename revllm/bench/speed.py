@@ -42,6 +42,8 @@ def speed_table(configs, batches, base: Spec, repeats=5, warmup=1, command="", p
                 except (torch.OutOfMemoryError, MemoryError) as e:  # record it; the other rows still run
                     failed[(c, b)] = " ".join(str(e).split())[:200]
                     opt.zero_grad(set_to_none=False)
+                    if spec.device == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 sync(spec.device)
                 if r >= warmup:
