@@ -213,3 +213,6 @@ def test_capacity_resume_reuses_finished_search_and_measures_missing_throughput(
     prev = [{"config": "midpoint", "layers": 16, "max_batch": 40, "capped": False, "probes": [], "tokens_per_s": None}]
     res = capacity.capacity_table(["midpoint"], [16], Spec(**TINY), budget=2**30, worker=counting, resume_rows=prev)
     assert calls == ["throughput"] and res["rows"][0]["max_batch"] == 40 and res["rows"][0]["tokens_per_s"] > 0
+    prev = [{**prev[0], "config": "euler", "max_batch": 5}, prev[0]]
+    res = capacity.capacity_table(["euler", "midpoint"], [16], Spec(**TINY), worker=counting, resume_rows=prev)
+    assert res["rows"][1]["vs_a"] == pytest.approx(100 * ((40 / 48) / (5 / 6) - 1))

@@ -74,6 +74,7 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                     _throughput(row, job, worker, steps, warmup)
                     bar.update()
                 rows.append(row)
+                relative(rows)
                 continue
             probes = []
 
@@ -95,10 +96,11 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                 _throughput(row, job, worker, steps, warmup)
                 bar.update()
             rows.append(row)
-            _relative(rows)
+            relative(rows)
             if on_row is not None:
                 on_row(envelope("capacity", base.device, setup, rows, command))
     bar.close()
+    relative(rows)
     return envelope("capacity", base.device, setup, rows, command)
 
 
@@ -109,7 +111,7 @@ def _throughput(row, job, worker, steps, warmup):
                step_times=res.get("step_times"), peak_bytes=res.get("peak_bytes"))
 
 
-def _relative(rows):
+def relative(rows):
     """Throughput relative to (a) and (b) at the same depth, in percent."""
     for r in rows:
         for kind, key in (("a", "vs_a"), ("b", "vs_b")):

@@ -242,7 +242,10 @@ def merge(results: list[dict]) -> dict:
     configs = list(dict.fromkeys(k[0] for k in rows))
     merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), row[key[1]]))
     if first["table"] == "capacity":
+        from .capacity import relative
+
         merged_rows = sorted(merged_rows, key=lambda row: row["layers"])
+        relative(merged_rows)
     setup = dict(first["setup"])
     for k in ("depths", "batches"):
         if k in setup:
