@@ -250,8 +250,15 @@ def merge(results: list[dict]) -> dict:
     for k in ("depths", "batches"):
         if k in setup:
             setup[k] = sorted({v for r in results for v in r["setup"].get(k, [])})
+    for k in setup:  # run options that differ between the inputs (budget, time limit): each row keeps its own
+        if k not in SHAPE_KEYS and k not in ("depths", "batches") and any(r["setup"].get(k) != setup[k] for r in results):
+            setup[k] = "per run (see commands)"
+    # Partial only if a (configuration, depth/batch) cell is still missing: an interrupted input whose
+    # rows are all present (or re-measured by another input) leaves nothing out.
+    axis = setup.get("depths") or setup.get("batches") or []
+    complete = all((c, x) in rows for c in configs for x in axis)
     out = {**first, "name": first["table"], "setup": setup, "rows": merged_rows,
            "command": " ; ".join(dict.fromkeys(r["command"] for r in results)),
            "created": max(r["created"] for r in results),
-           "partial": any(r.get("partial") for r in results)}
+           "partial": not complete and any(r.get("partial") for r in results)}
     return out
