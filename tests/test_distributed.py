@@ -60,7 +60,7 @@ def grads(tmp_path_factory):
 def training(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     _torchrun("train", d / "train.json", d / "ckpt")
-    return json.loads((d / "train.json").read_text())
+    return json.loads((d / "train.json").read_text()) | {"dir": d}
 
 
 FP32_CASES = ["ddp-llama-midpoint", "ddp-llama-hamiltonian", "ddp-gpt2-midpoint", "ddp-llama-midpoint_a-fixed_point",
@@ -93,6 +93,20 @@ def test_two_process_training_checkpoints_and_resumes(training, mode):
     assert r["resumed"] == r["rest"]  # identical continuation from the DCP checkpoint
     assert r["param_max_abs"] == 0.0  # and identical weights at the end
     assert r["first"][0] != r["rest"][-1]  # it did train
+
+
+def test_finetune_loop_under_torchrun_matches_one_process(training, tmp_path):
+    # The fine-tuning command's loop on 2 processes x 2 rows vs 1 process x 4 rows (same global batch).
+    import revllm
+    from revllm.convert.finetune import finetune
+
+    from dist_worker import FINETUNE, finetune_tokens
+
+    one = finetune(tiny_model(seed=3), finetune_tokens(), tmp_path / "ft", **dict(FINETUNE, batch_size=4))
+    assert abs(one["final_loss"] - training["finetune"]) <= 1e-5
+    two = revllm.RevLLMForCausalLM.from_pretrained(training["dir"] / "ckpt" / "ft" / "model").state_dict()
+    ref = one["model"].state_dict()
+    assert max((two[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
 
 
 # -- single process: checkpoint safety and argument errors --------------------------------------
