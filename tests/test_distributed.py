@@ -34,10 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args):
+def _torchrun(*args, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -107,6 +108,17 @@ def test_finetune_loop_under_torchrun_matches_one_process(training, tmp_path):
     two = revllm.RevLLMForCausalLM.from_pretrained(training["dir"] / "ckpt" / "ft" / "model").state_dict()
     ref = one["model"].state_dict()
     assert max((two[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_gradients_equal_single_process(tmp_path):
+    # Optional: DeepSpeed's own engine (not through accelerate, which runs DeepSpeed only on GPUs).
+    pytest.importorskip("deepspeed")
+    _torchrun("deepspeed", tmp_path / "ds.json", env={"DS_ACCELERATOR": "cpu"})
+    results = json.loads((tmp_path / "ds.json").read_text())
+    assert len(results) == 6
+    for case, r in results.items():
+        assert not r["missing"] and r["max_abs"] <= 1e-6, (case, r)
 
 
 # -- single process: checkpoint safety and argument errors --------------------------------------
