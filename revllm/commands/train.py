@@ -40,6 +40,7 @@ FLAGS = {
     "keep_last": (int, "checkpoints kept (0 = all)"),
     "log_interval": (int, "steps between CSV/TensorBoard rows"),
     "max_time": (float, "stop (with a checkpoint) after this many seconds"),
+    "stop_after": (int, "stop (with a checkpoint) after this step; the lr schedule still plans --max-steps"),
 }
 BOOLS = {"memory_free": "reversible backward (default on for reversible dynamics)",
          "activation_checkpointing": "per-layer activation checkpointing of the stored path (baseline)",

@@ -272,6 +272,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             win_tokens, win_time = 0, 0.0
         if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
             stopped = f"max_time={cfg.max_time}s reached at step {step}"
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            stopped = f"stop_after={cfg.stop_after}"
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
             save()
         if stopped:
