@@ -55,6 +55,12 @@ def memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class SavedTensorMeter:
     """Bytes that autograd saves for backward during a forward (parameters excluded), de-duplicated by
     storage. The memory-free engine saves only what its Function keeps; the stored path saves every layer."""
@@ -288,7 +294,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
                                                                                            "memory_free", False)),
                "precision": precision, "device": str(acc.device), "stopped_early": stopped,
-               "wall_s": time.perf_counter() - t_start, "config": cfg.to_dict()}
+               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict()}
     if main:
         tb.close()
         tmp = run / ".summary.json.tmp"
