@@ -1,0 +1,199 @@
+"""Result files: ``benchmarks/results/<table>_<machine>.{json,md,png}``.
+
+The JSON is the record (setup, machine, command, every row, skipped rows with their reason); the
+Markdown and PNG are rendered from it, so ``revllm bench report`` can rebuild them at any time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import RevLLMError
+from .configs import config_kind
+
+TABLES = ("memory", "speed", "capacity")
+# Paper (arXiv 2512.02056) Table 4: reversible over baseline throughput at max batch, d=512, 8 heads.
+PAPER_TABLE4 = {16: 20.7, 32: 24.1, 64: 48.8, 96: 101.0}
+MiB = 2**20
+
+
+def atomic_write(path: Path, data: str | bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def save(result: dict, out_dir: str | Path) -> list[Path]:
+    """Write the JSON record, then its Markdown table and (memory, capacity) PNG plot."""
+    out_dir = Path(out_dir)
+    stem = f"{result['table']}_{result['machine_tag']}"
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    atomic_write(paths[0], json.dumps(result, indent=1) + "\n")
+    atomic_write(paths[1], render_markdown(result))
+    png = plot(result, out_dir / f"{stem}.png")
+    return paths + ([png] if png else [])
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RevLLMError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(result, dict) or result.get("table") not in TABLES or "rows" not in result:
+        raise RevLLMError(f"{path} is not a revllm bench result (needs 'table' in {TABLES} and 'rows')")
+    return result
+
+
+def rebuild(results_dir: str | Path) -> list[Path]:
+    """Re-render every ``*.json`` result under ``results_dir``; returns the files written."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise RevLLMError(f"results directory {results_dir} does not exist")
+    files = sorted(p for p in results_dir.glob("*.json") if p.stem.split("_")[0] in TABLES)
+    if not files:
+        raise RevLLMError(f"no benchmark results (memory_*.json, speed_*.json, capacity_*.json) in {results_dir}")
+    written = []
+    for f in files:
+        written += save(load(f), results_dir)
+    return written
+
+
+# -- Markdown -----------------------------------------------------------------------------------------
+def _header(result: dict) -> list[str]:
+    m, s = result["machine"], result["setup"]
+    dev = m.get("gpu", f"CPU {m['cpu']}, {m['cores']} cores")
+    shape = ", ".join(f"{k}={v}" for k, v in s.items())
+    return [f"Machine: {dev}; torch {m['torch']}; device {m['device']}. Measured {result['created']}.",
+            f"Setup: {shape}.", f"Command: `{result['command']}`", ""]
+
+
+def _mib(b) -> str:
+    return f"{b / MiB:,.1f}"
+
+
+def _cell(row: dict, key: str, fmt) -> str:
+    if row.get("ok"):
+        return fmt(row[key])
+    return f"skipped: {row.get('reason', '?')}" + (f" ({row['detail']})" if row.get("detail") else "")
+
+
+def render_markdown(result: dict) -> str:
+    return "\n".join(globals()[f"_md_{result['table']}"](result)) + "\n"
+
+
+def _md_memory(result):
+    rows, depths = result["rows"], result["setup"]["depths"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["config"], r["layers"]): r for r in rows}
+    peak_label = "max_memory_allocated" if result["machine"]["device"] == "cuda" else "RSS high-water mark"
+    out = ["# Memory vs depth", ""] + _header(result)
+    for title, key in [("Bytes saved for backward (MiB, unique storages, parameters excluded)", "saved_bytes"),
+                       (f"Peak memory of the step above the resident model (MiB; {peak_label}, grads preallocated)",
+                        "peak_step_bytes"),
+                       (f"Peak memory, whole process (MiB; {peak_label})", "peak_bytes")]:
+        out += [f"## {title}", "", "| config | " + " | ".join(f"L={d}" for d in depths) + " |",
+                "|---|" + "---:|" * len(depths)]
+        for c in configs:
+            cells = [_cell(by[(c, d)], key, _mib) if (c, d) in by else "" for d in depths]
+            out.append(f"| ({config_kind(c)}) {c} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Target: memory-free activation memory at the deepest row <= 1.1x the shallowest", "",
+            "| config | saved ratio | peak-step ratio | met |", "|---|---:|---:|---|"]
+    for c in configs:
+        if config_kind(c) != "c":
+            continue
+        ok = [by[(c, d)] for d in depths if by.get((c, d), {}).get("ok")]
+        if len(ok) < 2:
+            out.append(f"| {c} | n/a | n/a | not measured |")
+            continue
+        lo, hi = ok[0], ok[-1]
+        sr = hi["saved_bytes"] / max(lo["saved_bytes"], 1)
+        pr = hi["peak_step_bytes"] / max(lo["peak_step_bytes"], 1)
+        out.append(f"| {c} (L={lo['layers']}->{hi['layers']}) | {sr:.3f} | {pr:.3f} | "
+                   f"{'yes' if sr <= 1.1 else 'no'} (saved bytes) |")
+    return out
+
+
+def _md_speed(result):
+    rows = result["rows"]
+    out = ["# Step time at the same batch", ""] + _header(result)
+    out += ["Full step = forward + backward + AdamW; configurations interleaved in one process; median of "
+            f"{result['setup']['repeats']} steps after {result['setup']['warmup']} warm-up step(s).", "",
+            "| config | batch | median step (s) | tokens/s | ratio to (a) | <= 1.35x |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ratio = r.get("ratio_to_a")
+        meets = "" if ratio is None or config_kind(r["config"]) != "c" else ("yes" if ratio <= 1.35 else "no")
+        out.append(f"| ({config_kind(r['config'])}) {r['config']} | {r['batch']} | {r['median_s']:.3f} | "
+                   f"{r['tokens_per_s']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} | {meets} |")
+    return out
+
+
+def _md_capacity(result):
+    rows, s = result["rows"], result["setup"]
+    out = ["# Max batch under a memory budget, and throughput at that batch", ""] + _header(result)
+    budget = s.get("budget_bytes")
+    out += [f"Budget: {'the card' if budget is None else _mib(budget) + ' MiB'}; seq {s['seq']}, {s['dtype']}. "
+            "Doubling then bisection, each probe a full forward + backward + AdamW step in a fresh process.", "",
+            "| layers | config | max batch | tokens/s | vs (a) | vs (b) | paper rev. vs baseline |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mb = "0 (batch 1 does not fit)" if r["max_batch"] == 0 else f"{r['max_batch']}" + ("+" if r.get("capped") else "")
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        va = f"{r['vs_a']:+.1f}%" if r.get("vs_a") is not None else ""
+        vb = f"{r['vs_b']:+.1f}%" if r.get("vs_b") is not None else ""
+        paper = f"+{PAPER_TABLE4[r['layers']]}%" if config_kind(r["config"]) == "c" and r["layers"] in PAPER_TABLE4 else ""
+        out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {mb} | {tps} | {va} | {vb} | {paper} |")
+    out += ["", "Paper: bf16 on one GPU, sequence length not stated in the paper; ours: the setup line above."]
+    return out
+
+
+# -- plots --------------------------------------------------------------------------------------------
+def plot(result: dict, path: Path) -> Path | None:
+    if result["table"] == "speed":
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    if result["table"] == "memory":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key, title in [(axes[0], "saved_bytes", "bytes saved for backward"),
+                               (axes[1], "peak_step_bytes", "peak step memory above model")]:
+            for c in configs:
+                pts = [(r["layers"], r[key] / MiB) for r in rows if r["config"] == c and r.get("ok")]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"({config_kind(c)}) {c}")
+            ax.set(xlabel="layers", ylabel="MiB", title=title, xscale="log", yscale="log")
+            ax.set_xticks(result["setup"]["depths"], [str(d) for d in result["setup"]["depths"]])
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        depths = sorted({r["layers"] for r in rows})
+        width = 0.8 / max(len(configs), 1)
+        for i, c in enumerate(configs):
+            xs = [k + i * width for k, d in enumerate(depths)]
+            get = {r["layers"]: r for r in rows if r["config"] == c}
+            axes[0].bar(xs, [get.get(d, {}).get("max_batch", 0) for d in depths], width, label=f"({config_kind(c)}) {c}")
+            axes[1].bar(xs, [get.get(d, {}).get("tokens_per_s") or 0 for d in depths], width)
+        for ax, t in [(axes[0], "max batch under budget"), (axes[1], "tokens/s at max batch")]:
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(depths))], [f"{d} layers" for d in depths])
+            ax.set_title(t)
+        axes[0].legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"{result['table']} — {m.get('gpu', m['cpu'])} ({m['device']})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,182 @@
+"""One measurement in a fresh process: ``python -m revllm.bench.worker '<json>'`` prints one JSON line.
+
+A fresh process per row is what makes the CPU peak honest: ``ru_maxrss`` is a high-water mark that
+never goes down, and allocator caches from an earlier, larger configuration would otherwise count.
+
+Tasks (``"task"`` in the JSON, the rest is a ``configs.Spec``):
+  ``memory``      one forward + backward: bytes saved for backward and the step's peak memory
+  ``probe``       one full forward + backward + AdamW step under the memory budget: ok or not
+  ``throughput``  warm-up steps then timed full steps: tokens/s
+Memory budget (``budget_bytes``): on CPU enforced with RLIMIT_AS (allocation beyond it fails) and checked
+against the measured RSS high-water mark; on CUDA the card is the budget unless one is given.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+PREFIX = "REVLLM_BENCH_JSON "
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _enforce_budget(budget: int | None, device: str):
+    import resource
+
+    import torch
+
+    from .configs import rss_bytes, vm_bytes
+
+    if budget is None:
+        return
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        return
+    rss = rss_bytes()
+    if rss >= budget:
+        raise _OverBudget(f"the model alone takes {rss / 2**20:.0f} MiB RSS, over the {budget / 2**20:.0f} MiB budget")
+    # Address space grows with every large tensor touched, so capping it at (now + headroom) makes an
+    # allocation past the budget fail inside torch instead of pushing the machine into swap/OOM-kill.
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + budget - rss, hard))
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("alloc" in msg or "out of memory" in msg or "mmap" in msg)
+
+
+def run(job: dict) -> dict:
+    import torch
+
+    from .configs import SavedBytes, Spec, build_model, make_batch, max_rss_bytes, preallocate_grads, rss_bytes
+    from .configs import sync, train_step
+
+    task = job.pop("task")
+    budget = job.pop("budget_bytes", None)
+    steps, warmup = int(job.pop("steps", 3)), int(job.pop("warmup", 1))
+    spec = Spec(**job)
+    out = {"task": task, **spec.to_dict(), "budget_bytes": budget}
+    cuda = spec.device == "cuda"
+    model = build_model(spec)
+    out["params"] = sum(p.numel() for p in model.parameters())
+    ids = make_batch(spec)
+    opt = None
+    if task in ("probe", "throughput"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)  # foreach would add a transient copy
+    preallocate_grads(model)
+    if task == "memory":
+        # Warm-up at batch 1 on a short sequence: lazily loaded kernels and thread pools are then
+        # resident before rss_before is read, so they do not count as the step's peak.
+        train_step(model, make_batch(spec, 1)[:, : min(spec.seq, 16)], spec)
+        for p in model.parameters():
+            p.grad.zero_()
+    sync(spec.device)
+    out["rss_before_bytes"] = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        out["allocated_before_bytes"] = torch.cuda.memory_allocated()
+    import resource
+
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        _enforce_budget(budget, spec.device)
+        if task == "memory":
+            t0 = time.perf_counter()
+            counter = SavedBytes(model)
+            with counter:
+                with torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.dtype == "bf16"):
+                    loss = model(input_ids=ids, labels=ids).loss
+            out["saved_bytes"] = counter.bytes
+            out["saved_tensors"] = counter.tensors
+            loss.backward()
+            sync(spec.device)
+            out["step_seconds"] = time.perf_counter() - t0
+        elif task == "probe":
+            t0 = time.perf_counter()
+            train_step(model, ids, spec, opt)
+            sync(spec.device)
+            out["step_seconds"] = time.perf_counter() - t0
+        elif task == "throughput":
+            for _ in range(warmup):
+                train_step(model, ids, spec, opt)
+            sync(spec.device)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                train_step(model, ids, spec, opt)
+                sync(spec.device)
+                times.append(time.perf_counter() - t0)
+            out["step_times"] = times
+            out["tokens_per_s"] = spec.batch * spec.seq * len(times) / sum(times)
+        else:
+            raise ValueError(f"unknown task {task!r}; use memory, probe or throughput")
+        out["ok"] = True
+    except _OverBudget as e:
+        out.update(ok=False, reason="model_over_budget", detail=str(e))
+    except Exception as e:  # noqa: BLE001 - any failure is a result to record, OOM or not
+        if not _is_oom(e):
+            raise
+        out.update(ok=False, reason="oom", detail=" ".join(str(e).split())[:300])
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old_limit)
+    if cuda:
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_step_bytes"] = out["peak_bytes"] - out["allocated_before_bytes"]
+    else:
+        out["peak_bytes"] = max_rss_bytes()
+        out["peak_step_bytes"] = max(0, out["peak_bytes"] - out["rss_before_bytes"])
+    if out["ok"] and budget is not None and out["peak_bytes"] > budget:
+        out.update(ok=False, reason="over_budget",
+                   detail=f"peak {out['peak_bytes'] / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m revllm.bench.worker '<json job>'", file=sys.stderr)
+        return 2
+    try:
+        result = run(json.loads(argv[0]))
+    except Exception as e:  # noqa: BLE001 - reported to the driver as one JSON line
+        result = {"ok": False, "reason": "error", "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        traceback.print_exc()
+    print(PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def spawn(job: dict, timeout: float | None = None) -> dict:
+    """Run ``job`` in a fresh interpreter; returns its JSON (``ok=False`` with a reason on crash/timeout)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout holding this revllm package
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, "-m", "revllm.bench.worker", json.dumps(job)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**job, "ok": False, "reason": "timeout", "detail": f"over --max-seconds {timeout:g}"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PREFIX):
+            res = json.loads(line[len(PREFIX):])
+            return {**job, **res}
+    tail = " ".join(proc.stderr.split()[-40:])
+    return {**job, "ok": False, "reason": f"crash (exit {proc.returncode})", "detail": tail[-300:]}

@@ -1,0 +1,156 @@
+"""``revllm bench memory|speed|capacity|report``: the benchmark tables (see revllm/bench).
+
+Each table command writes ``<out>/<table>_<machine>.json`` (the record), ``.md`` and (memory,
+capacity) ``.png``; ``report`` re-renders them all from the JSON and prints the Markdown.
+"""
+from __future__ import annotations
+
+import shlex
+
+DEFAULT_OUT = "benchmarks/results"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("bench", help="memory / step time / max batch against ordinary training and checkpointing")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="TABLE")
+
+    def model_args(q, layers_help, depths=None, configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
+        q.add_argument("--configs", default=configs,
+                       help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
+        if depths is not None:
+            q.add_argument("--depths", default=depths, help=layers_help)
+        else:
+            q.add_argument("--layers", type=int, default=12, help=layers_help)
+        q.add_argument("--d", type=int, default=512, help="model width")
+        q.add_argument("--heads", type=int, default=8)
+        q.add_argument("--seq", type=int, default=256, help="sequence length")
+        q.add_argument("--vocab", type=int, default=8192)
+        q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
+        q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
+        q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+        q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
+        q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
+        q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+
+    m = sub.add_parser("memory", help="table 1: saved bytes and peak memory vs depth (fresh process per row)")
+    model_args(m, "comma list of depths", depths="6,12,24,48,96")
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--memory-budget", default=None, help="e.g. 4GiB: rows predicted or found over it are skipped")
+    m.add_argument("--max-seconds", type=float, default=None, help="per-row wall limit; slower rows are skipped")
+    m.set_defaults(func=run_memory)
+
+    s = sub.add_parser("speed", help="table 2: step time at the same batch, ratio to (a), interleaved")
+    model_args(s, "depth")
+    s.add_argument("--batch", default="8", help="batch, or a comma list for a tokens/s-vs-batch sweep")
+    s.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
+    s.add_argument("--warmup", type=int, default=1)
+    s.set_defaults(func=run_speed)
+
+    c = sub.add_parser("capacity", help="table 3: max batch under a memory budget, tokens/s at that batch")
+    model_args(c, "comma list of depths", depths="16,32,64,96", configs="euler,euler_ckpt,midpoint")
+    c.add_argument("--memory-budget", default=None, help="required on CPU (e.g. 4GiB); on CUDA default = the card")
+    c.add_argument("--start-batch", type=int, default=1)
+    c.add_argument("--max-batch", type=int, default=1 << 16, help="stop doubling here (reported as capped)")
+    c.add_argument("--tolerance", type=float, default=0.0, help="stop bisecting within this fraction (0 = exact)")
+    c.add_argument("--steps", type=int, default=3, help="timed steps at the max batch")
+    c.add_argument("--warmup", type=int, default=1)
+    c.set_defaults(func=run_capacity)
+
+    r = sub.add_parser("report", help="re-render every result's Markdown/PNG from its JSON and print the tables")
+    r.add_argument("--results", default=DEFAULT_OUT, help="results directory")
+    r.set_defaults(func=run_report)
+
+
+def _base(args, batch: int = 8):
+    from ..bench.configs import Spec, parse_configs, resolve_device
+    from ..errors import RevLLMError
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    for name in ("d", "heads", "seq", "vocab", "loss_chunk"):
+        if getattr(args, name) < 1:
+            raise RevLLMError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.d % args.heads:
+        raise RevLLMError(f"--heads {args.heads} must divide --d {args.d}")
+    configs = parse_configs(args.configs)
+    spec = Spec(d=args.d, heads=args.heads, seq=args.seq, vocab=args.vocab, block=args.block, batch=batch,
+                loss_chunk=args.loss_chunk, device=device, dtype=dtype, compile=args.compile,
+                layers=getattr(args, "layers", 1))
+    return configs, spec
+
+
+def _command(args) -> str:
+    """The equivalent full command line, every option spelled out (recorded with the results)."""
+    skip = {"command", "bench_command", "func"}
+    parts = ["revllm", "bench", args.bench_command]
+    for k, v in vars(args).items():
+        if k in skip or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag] if v is True else [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _finish(result, out):
+    from ..bench.report import render_markdown, save
+
+    paths = save(result, out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def run_memory(args):
+    from ..bench.configs import parse_bytes, parse_ints
+    from ..bench.memory import memory_table
+    from ..errors import RevLLMError
+
+    if args.batch < 1:
+        raise RevLLMError(f"--batch must be a positive integer, got {args.batch}")
+    configs, spec = _base(args, args.batch)
+    depths = parse_ints(args.depths, "--depths")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise RevLLMError(f"--max-seconds must be positive, got {args.max_seconds:g}")
+    result = memory_table(configs, depths, spec, budget=parse_bytes(args.memory_budget),
+                          max_seconds=args.max_seconds, command=_command(args))
+    _finish(result, args.out)
+
+
+def run_speed(args):
+    from ..bench.configs import parse_ints
+    from ..bench.speed import speed_table
+    from ..errors import RevLLMError
+
+    batches = parse_ints(args.batch, "--batch")
+    if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
+        raise RevLLMError("--layers and --repeats must be positive and --warmup non-negative")
+    configs, spec = _base(args, batches[0])
+    result = speed_table(configs, batches, spec, repeats=args.repeats, warmup=args.warmup, command=_command(args))
+    _finish(result, args.out)
+
+
+def run_capacity(args):
+    from ..bench.capacity import capacity_table
+    from ..bench.configs import parse_bytes, parse_ints
+    from ..errors import RevLLMError
+
+    configs, spec = _base(args)
+    depths = parse_ints(args.depths, "--depths")
+    budget = parse_bytes(args.memory_budget)
+    if budget is None and spec.device == "cpu":
+        raise RevLLMError("--memory-budget is required on CPU (e.g. --memory-budget 4GiB)")
+    if args.start_batch < 1 or args.max_batch < args.start_batch or not 0 <= args.tolerance < 1:
+        raise RevLLMError("need 1 <= --start-batch <= --max-batch and 0 <= --tolerance < 1")
+    if args.steps < 1 or args.warmup < 0:
+        raise RevLLMError("--steps must be positive and --warmup non-negative")
+    result = capacity_table(configs, depths, spec, budget=budget, start=args.start_batch, cap=args.max_batch,
+                            tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args))
+    _finish(result, args.out)
+
+
+def run_report(args):
+    from ..bench.report import rebuild
+
+    written = rebuild(args.results)
+    for p in written:
+        if p.suffix == ".md":
+            print(p.read_text())
+    print("wrote " + ", ".join(str(p) for p in written))

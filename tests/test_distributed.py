@@ -1,0 +1,135 @@
+"""DDP and FSDP2 against single-process training (CPU, gloo, 2 processes launched by torchrun).
+
+The per-rank code is tests/dist_worker.py. Each scenario is launched once per module (about 20 s of
+process start-up and work on 2 cores) and the tests below read its results. Each launch gets a free
+port and a timeout, so a hang fails the test instead of blocking the suite.
+"""
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+from revllm.errors import CheckpointError, RevLLMError
+from revllm.parallel import load_sharded, parallelize, save_sharded
+from revllm.parallel.checkpoint import SafeFileSystemReader
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.communicate()
+        pytest.fail(f"torchrun {args[0]} hung for more than {TIMEOUT_S} s")
+    assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "grads.json"
+    _torchrun("grads", out)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    _torchrun("train", d / "train.json", d / "ckpt")
+    return json.loads((d / "train.json").read_text())
+
+
+FP32_CASES = ["ddp-llama-midpoint", "ddp-llama-hamiltonian", "ddp-gpt2-midpoint", "ddp-llama-midpoint_a-fixed_point",
+              "fsdp2-llama-midpoint", "fsdp2-llama-hamiltonian", "fsdp2-gpt2-hamiltonian", "fsdp2-gpt2-leapfrog"]
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_gradients_after_one_step_equal_single_process(grads, case):
+    # Global batch of 4 split over 2 ranks vs the whole batch in one process; every parameter.
+    assert grads[case]["max_abs"] <= 1e-6, grads[case]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_gradient_accumulation_without_sync(grads, mode):
+    # Two micro-batches per rank, the first inside gradient_sync(model, False).
+    r = grads[f"{mode}-llama-midpoint-no_sync"]
+    assert r["max_abs"] <= 1e-6, r
+
+
+def test_fsdp2_bf16_mixed_precision_close_to_fp32(grads):
+    # bf16 parameters for compute, fp32 reduction: bf16-sized differences, not wrong gradients.
+    r = grads["fsdp2-llama-hamiltonian-bf16"]
+    assert 0 < r["max_rel"] <= 5e-2, r
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_process_training_checkpoints_and_resumes(training, mode):
+    r = training[mode]
+    assert r["step"] == 2
+    assert r["resumed"] == r["rest"]  # identical continuation from the DCP checkpoint
+    assert r["param_max_abs"] == 0.0  # and identical weights at the end
+    assert r["first"][0] != r["rest"][-1]  # it did train
+
+
+# -- single process: checkpoint safety and argument errors --------------------------------------
+def test_sharded_checkpoint_refuses_corruption(tmp_path):
+    model = tiny_model()
+    save_sharded(tmp_path / "ck", model, state={"step": 3})
+    other = tiny_model(seed=5)
+    assert load_sharded(tmp_path / "ck", other) == {"step": 3}
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, other.state_dict()[n]), n
+    shard = next((tmp_path / "ck").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_sharded(tmp_path / "ck", other)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete"):
+        load_sharded(tmp_path / "half", other)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_metadata_reader_never_unpickles_arbitrary_objects(tmp_path):
+    save_sharded(tmp_path / "ck", tiny_model())
+    assert SafeFileSystemReader(str(tmp_path / "ck")).read_metadata().state_dict_metadata  # real metadata loads
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        SafeFileSystemReader(str(tmp_path / "ck")).read_metadata()
+
+
+def test_parallelize_rejects_bad_arguments():
+    with pytest.raises(RevLLMError, match="unknown"):
+        parallelize(tiny_model(), "zero3")
+    with pytest.raises(RevLLMError, match="ignored"):
+        parallelize(tiny_model(), "ddp", mp_policy="bf16")
+    with pytest.raises(RevLLMError, match="torchrun"):
+        parallelize(tiny_model(), "fsdp2")
