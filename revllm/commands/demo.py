@@ -32,7 +32,7 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     p.add_argument("--corpus", nargs="+", help="text files/folders to use instead of the default corpus")
     p.add_argument("--dynamics", default="midpoint", help="reversible dynamics to compare with euler")
-    p.add_argument("--max-time", type=float, default=240.0, help="safety limit per run in seconds (default 240)")
+    p.add_argument("--max-time", type=float, default=200.0, help="safety limit per run in seconds (default 200)")
     p.add_argument("--tokenizer", default="smollm2")
     p.set_defaults(func=run)
 
