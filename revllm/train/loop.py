@@ -121,6 +121,11 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         resume = (ckpt, meta, opt_state, rng)
     run = Path(cfg.out)
     data = TokenData(cfg.data)
+    if resume:
+        was = resume[1].get("data_tokenizer", {})
+        if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
+            raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
+                              f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
     tokenizer = ckpt_io.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
 
     # -- the model -------------------------------------------------------------------------------
