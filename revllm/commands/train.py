@@ -55,8 +55,13 @@ def add_parser(sub):
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML file of flag values")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest good checkpoint in --out")
+    from ..train.config import TrainConfig
+
+    defaults = TrainConfig()
     for name, (typ, hlp) in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+        d = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ,
+                       help=hlp if d is None else f"{hlp} (default {d})")
     for name, hlp in BOOLS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=hlp)
     p.set_defaults(func=run)

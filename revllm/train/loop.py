@@ -120,6 +120,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
         resume = (ckpt, meta, opt_state, rng)
     run = Path(cfg.out)
+    if not resume and ckpt_io.list_checkpoints(run):
+        raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
     data = TokenData(cfg.data)
     if resume:
         was = resume[1].get("data_tokenizer", {})
