@@ -69,8 +69,14 @@ def finetune(model, tokens: torch.Tensor, out, loss_fn=None, steps: int = 100, b
         anneal: optional ``AnnealA``: sets midpoint_a's a = 2^-k(step) before each step.
         merge_lora: a peft-wrapped model is merged (merge_and_unload) before saving.
     Returns the summary dict (also written to ``out/summary.json``).
+
+    Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP
+    (revllm.parallel): ``batch_size`` is per process, each rank takes its rows of one global batch,
+    and only rank 0 writes ``out``.
     """
     from tqdm.auto import tqdm
+
+    from ..parallel import init_distributed, parallelize, unwrap
 
     if steps < 1 or batch_size < 1 or seq_len < 2:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, seq_len={seq_len} must be >= 1, 1, 2")
@@ -82,15 +88,19 @@ def finetune(model, tokens: torch.Tensor, out, loss_fn=None, steps: int = 100, b
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        rank, world, _ = init_distributed()
+        model = parallelize(model, "ddp")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
     device = next(model.parameters()).device
     model.train()
     rows, t0, seen = [], time.perf_counter(), 0
-    bar = tqdm(range(steps), desc="finetune", disable=not progress)
+    bar = tqdm(range(steps), desc="finetune", disable=not progress or rank != 0)
     for step in bar:
-        k = anneal(model, step) if anneal is not None else None
-        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+        k = anneal(unwrap(model), step) if anneal is not None else None
+        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
         x = torch.stack([tokens[s : s + seq_len] for s in starts]).to(device)
         loss, metrics = loss_fn(model, {"input_ids": x})
         if not torch.isfinite(loss):
@@ -101,7 +111,11 @@ def finetune(model, tokens: torch.Tensor, out, loss_fn=None, steps: int = 100, b
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        seen += x.numel()
+        seen += x.numel() * world
+        if world > 1:  # log the global batch's loss
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         row = {"step": step + 1, "tokens": seen, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                "elapsed_s": time.perf_counter() - t0, **metrics}
         if k is not None:
@@ -109,6 +123,12 @@ def finetune(model, tokens: torch.Tensor, out, loss_fn=None, steps: int = 100, b
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     elapsed = time.perf_counter() - t0
+    model = unwrap(model)
+    summary = {"steps": steps, "tokens": seen, "final_loss": rows[-1]["loss"], "elapsed_s": elapsed,
+               "tokens_per_s": seen / elapsed, "first_loss": rows[0]["loss"]}
+    if rank != 0:  # rank 0 writes the outputs; the others wait for it
+        torch.distributed.barrier()
+        return {**summary, "model": model}
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(dict.fromkeys(key for r in rows for key in r)))
         w.writeheader()
@@ -118,8 +138,8 @@ def finetune(model, tokens: torch.Tensor, out, loss_fn=None, steps: int = 100, b
         final = model.merge_and_unload()
     final.eval()
     _save_atomic(final, out / "model", tokenizer)
-    summary = {"steps": steps, "tokens": seen, "final_loss": rows[-1]["loss"], "elapsed_s": elapsed,
-               "tokens_per_s": seen / elapsed, "first_loss": rows[0]["loss"]}
     if math.isfinite(summary["final_loss"]):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world > 1:
+        torch.distributed.barrier()
     return {**summary, "model": final}
