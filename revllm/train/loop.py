@@ -62,6 +62,12 @@ def memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class SavedTensorMeter:
     """Bytes that autograd saves for backward during a forward (parameters excluded), de-duplicated by
     storage. The memory-free engine saves only what its Function keeps; the stored path saves every layer."""
@@ -123,7 +129,14 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
         resume = (ckpt, meta, opt_state, rng)
     run = Path(cfg.out)
+    if not resume and ckpt_io.list_checkpoints(run):
+        raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
     data = TokenData(cfg.data)
+    if resume:
+        was = resume[1].get("data_tokenizer", {})
+        if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
+            raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
+                              f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
     tokenizer = ckpt_io.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
 
     # -- the model -------------------------------------------------------------------------------
@@ -304,6 +317,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             win_tokens, win_time = 0, 0.0
         if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
             stopped = f"max_time={cfg.max_time}s reached at step {step}"
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            stopped = f"stop_after={cfg.stop_after}"
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
             save()
         if stopped:
@@ -318,7 +333,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
                                                                                            "memory_free", False)),
                "precision": precision, "device": str(acc.device), "stopped_early": stopped,
-               "wall_s": time.perf_counter() - t_start, "config": cfg.to_dict()}
+               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict()}
     if main:
         tb.close()
         tmp = run / ".summary.json.tmp"
