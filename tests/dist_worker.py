@@ -7,8 +7,8 @@ rank 0 writes the largest difference per case (FSDP2 shards are gathered with ``
 ``train``: a short 2-process AdamW run that saves a DCP checkpoint at step 2 and keeps going; then a
 freshly built (differently initialised) model and optimizer load the checkpoint and replay the rest.
 Rank 0 writes both loss sequences and the largest parameter difference at the end. Then
-``revllm.convert.finetune.finetune`` (the fine-tuning command's loop) runs on 2 processes into
-``CKPT_DIR/ft``; the test compares it with one process on the same global batch.
+``revllm.convert.finetune.finetune`` (the fine-tuning command's path) runs on 2 processes into
+``CKPT_DIR/ft-{ddp,fsdp2}`` (``train ... TOKEN_DIR``); the test compares with one process, same global batch.
 ``deepspeed``: DeepSpeed ZeRO stages 1-3 (its own engine, ``DS_ACCELERATOR=cpu``, gloo) against one process.
 """
 import json
@@ -100,14 +100,15 @@ def _params(model):
     return {n: _full(p.detach()).clone() for n, p in inner.named_parameters()}
 
 
-FINETUNE = dict(steps=3, batch_size=2, seq_len=12, lr=1e-3, warmup=1, progress=False)
+FINETUNE = dict(max_steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=1, eval_interval=3, eval_iters=1,
+                checkpoint_interval=3, log_interval=1, progress=False)
 
 
-def finetune_tokens():
-    return torch.randint(0, V, (400,), generator=torch.Generator().manual_seed(5))
+def finetune_model():
+    return tiny_model(seed=3, vocab_size=300, dynamics="hamiltonian")
 
 
-def train(rank, world, out, ckpt_root):
+def train(rank, world, out, ckpt_root, token_dir):
     torch.manual_seed(7)
     ids = torch.randint(0, V, (5, B, T))  # 5 steps of global batch B
     results = {}
@@ -132,7 +133,8 @@ def train(rank, world, out, ckpt_root):
         }
     from revllm.convert.finetune import finetune
 
-    results["finetune"] = finetune(tiny_model(seed=3), finetune_tokens(), Path(ckpt_root) / "ft", **FINETUNE)["final_loss"]
+    for mode in ("ddp", "fsdp2"):  # the fine-tuning command's path: the shared loop, then rank 0 saves RUN/model
+        finetune(finetune_model(), token_dir, Path(ckpt_root) / f"ft-{mode}", parallel=mode, **FINETUNE)
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 
