@@ -118,6 +118,8 @@ def _mp_policy(mp_policy):
 def _fully_shard(model, mp_policy, reshard_after_forward, mesh):
     from torch.distributed.fsdp import fully_shard
 
+    if type(model).__name__.startswith("Peft"):
+        raise RevLLMError("parallel mode fsdp2 does not support LoRA (peft) models; use ddp")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise RevLLMError("fsdp2 expects a RevLLMForCausalLM (model.model.layers); got " + type(model).__name__)
