@@ -173,14 +173,14 @@ def gradient_sync(model: nn.Module, enabled: bool):
     inside; the first backward outside reduces everything accumulated so far."""
     if enabled:
         yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
     elif hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP (and FSDP1 when accelerate wraps with it)
+        with model.no_sync():
+            yield
     else:
         yield
