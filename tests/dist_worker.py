@@ -6,7 +6,9 @@ single-process reference gradients on the whole batch, then the DDP / FSDP2 grad
 rank 0 writes the largest difference per case (FSDP2 shards are gathered with ``full_tensor``).
 ``train``: a short 2-process AdamW run that saves a DCP checkpoint at step 2 and keeps going; then a
 freshly built (differently initialised) model and optimizer load the checkpoint and replay the rest.
-Rank 0 writes both loss sequences and the largest parameter difference at the end.
+Rank 0 writes both loss sequences and the largest parameter difference at the end. Then
+``revllm.convert.finetune.finetune`` (the fine-tuning command's loop) runs on 2 processes into
+``CKPT_DIR/ft``; the test compares it with one process on the same global batch.
 """
 import json
 import sys
@@ -97,6 +99,13 @@ def _params(model):
     return {n: _full(p.detach()).clone() for n, p in inner.named_parameters()}
 
 
+FINETUNE = dict(steps=3, batch_size=2, seq_len=12, lr=1e-3, warmup=1, progress=False)
+
+
+def finetune_tokens():
+    return torch.randint(0, V, (400,), generator=torch.Generator().manual_seed(5))
+
+
 def train(rank, world, out, ckpt_root):
     torch.manual_seed(7)
     ids = torch.randint(0, V, (5, B, T))  # 5 steps of global batch B
@@ -120,6 +129,9 @@ def train(rank, world, out, ckpt_root):
             "first": first, "rest": rest, "resumed": resumed, "step": state["step"],
             "param_max_abs": max((end[n] - end2[n]).abs().max().item() for n in end),
         }
+    from revllm.convert.finetune import finetune
+
+    results["finetune"] = finetune(tiny_model(seed=3), finetune_tokens(), Path(ckpt_root) / "ft", **FINETUNE)["final_loss"]
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 

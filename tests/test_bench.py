@@ -71,7 +71,7 @@ def test_spawn_runs_a_fresh_process_and_a_budgeted_probe():
     res = worker.spawn({"task": "probe", **spec, "budget_bytes": 8 * 2**30}, timeout=300)
     assert res["ok"] and res["step_seconds"] > 0 and res["peak_bytes"] < 8 * 2**30
     # A budget between the model's resident size and its step: the step must fail, not the machine.
-    res = worker.spawn({"task": "probe", **spec, "batch": 4096, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 2**20}, timeout=300)
+    res = worker.spawn({"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20}, timeout=300)
     assert not res["ok"] and res["reason"] in ("oom", "over_budget")
 
 

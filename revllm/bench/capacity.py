@@ -53,8 +53,12 @@ def search_max_batch(probe: Callable[[int], bool], start: int = 1, cap: int = 1 
 
 
 def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 16, tolerance=0.0,
-                   steps=3, warmup=1, command="", worker=spawn) -> dict:
+                   steps=3, warmup=1, command="", worker=spawn, on_row=None) -> dict:
+    """``on_row(partial_result)`` is called after every (depth, configuration), so partial runs are kept."""
     rows = []
+    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
+             "depths": list(depths), "budget_bytes": budget, "start": start, "cap": cap, "tolerance": tolerance,
+             "steps": steps, "warmup": warmup}
     bar = tqdm(desc="capacity", unit="probe")
     for L in depths:
         for c in configs:
@@ -81,13 +85,17 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                            throughput_reason=res.get("reason"), step_times=res.get("step_times"),
                            peak_bytes=res.get("peak_bytes"))
             rows.append(row)
+            _relative(rows)
+            if on_row is not None:
+                on_row(envelope("capacity", base.device, setup, rows, command))
     bar.close()
-    for r in rows:  # throughput relative to (a) and (b) at the same depth
+    return envelope("capacity", base.device, setup, rows, command)
+
+
+def _relative(rows):
+    """Throughput relative to (a) and (b) at the same depth, in percent."""
+    for r in rows:
         for kind, key in (("a", "vs_a"), ("b", "vs_b")):
             ref = next((q for q in rows if q["layers"] == r["layers"] and config_kind(q["config"]) == kind), None)
             if ref and ref is not r and ref.get("tokens_per_s") and r.get("tokens_per_s"):
                 r[key] = 100.0 * (r["tokens_per_s"] / ref["tokens_per_s"] - 1.0)
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
-             "depths": list(depths), "budget_bytes": budget, "start": start, "cap": cap, "tolerance": tolerance,
-             "steps": steps, "warmup": warmup}
-    return envelope("capacity", base.device, setup, rows, command)

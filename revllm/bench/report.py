@@ -30,7 +30,7 @@ def atomic_write(path: Path, data: str | bytes):
 def save(result: dict, out_dir: str | Path) -> list[Path]:
     """Write the JSON record, then its Markdown table and (memory, capacity) PNG plot."""
     out_dir = Path(out_dir)
-    stem = f"{result['table']}_{result['machine_tag']}"
+    stem = f"{result.get('name') or result['table']}_{result['machine_tag']}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     atomic_write(paths[0], json.dumps(result, indent=1) + "\n")
     atomic_write(paths[1], render_markdown(result))
@@ -54,7 +54,7 @@ def rebuild(results_dir: str | Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise RevLLMError(f"results directory {results_dir} does not exist")
-    files = sorted(p for p in results_dir.glob("*.json") if p.stem.split("_")[0] in TABLES)
+    files = sorted(results_dir.glob("*.json"))
     if not files:
         raise RevLLMError(f"no benchmark results (memory_*.json, speed_*.json, capacity_*.json) in {results_dir}")
     written = []
@@ -68,7 +68,10 @@ def _header(result: dict) -> list[str]:
     m, s = result["machine"], result["setup"]
     dev = m.get("gpu", f"CPU {m['cpu']}, {m['cores']} cores")
     shape = ", ".join(f"{k}={v}" for k, v in s.items())
-    return [f"Machine: {dev}; torch {m['torch']}; device {m['device']}. Measured {result['created']}.",
+    partial = " PARTIAL: the run was still going or was interrupted; missing rows were not measured." \
+        if result.get("partial") else ""
+    threads = f", {m['torch_threads']} torch thread(s)" if "torch_threads" in m else ""
+    return [f"Machine: {dev}{threads}; torch {m['torch']}; device {m['device']}. Measured {result['created']}.{partial}",
             f"Setup: {shape}.", f"Command: `{result['command']}`", ""]
 
 
@@ -126,10 +129,20 @@ def _md_speed(result):
             f"{result['setup']['repeats']} steps after {result['setup']['warmup']} warm-up step(s).", "",
             "| config | batch | median step (s) | tokens/s | ratio to (a) | <= 1.35x |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
+        if not r.get("ok", True):
+            out.append(f"| ({config_kind(r['config'])}) {r['config']} | {r['batch']} | {_cell(r, '', str)} | | | |")
+            continue
         ratio = r.get("ratio_to_a")
         meets = "" if ratio is None or config_kind(r["config"]) != "c" else ("yes" if ratio <= 1.35 else "no")
         out.append(f"| ({config_kind(r['config'])}) {r['config']} | {r['batch']} | {r['median_s']:.3f} | "
                    f"{r['tokens_per_s']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} | {meets} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        out += ["", "## Profile of one step (operators by self time, share of the step)", "",
+                "| config | batch | top operators |", "|---|---:|---|"]
+        for r in profiled:
+            ops = "; ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["profile"]["top"][:6])
+            out.append(f"| {r['config']} | {r['batch']} | {ops} |")
     return out
 
 

@@ -21,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--tasks", help="comma-separated lm-eval task names (e.g. revllm_commonsense,piqa)")
     p.add_argument("--include-path", action="append", help="folder of local lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default min(512, model maximum))")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
@@ -38,6 +38,8 @@ def run(args):
     results = {"model": str(args.model)}
     tokenizer = load_tokenizer(args.model, required=bool(args.text or args.tasks))
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if args.seq_len is None:
+        args.seq_len = min(512, max_pos or 512)
     if max_pos and args.seq_len > max_pos:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     for name, path in (("data", args.data), ("text", args.text)):

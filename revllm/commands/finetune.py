@@ -2,7 +2,7 @@
 
 SRC is a converted revllm model, or an original HF model / .gguf / ``smollm2`` which is first converted
 with ``--dynamics/--k`` (the original then serves as the teacher). For a model that is already converted,
-distillation needs ``--teacher``. DATA is a ``revllm data`` token dir (train.bin) or a UTF-8 text file.
+distillation needs ``--teacher``. DATA is a ``revllm data`` token dir. Training runs on ``revllm train``'s loop (checkpoints, --resume, metrics.csv).
 """
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from pathlib import Path
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fine-tuning")
+    g = p.add_argument_group("fine-tuning (the `revllm train` loop)")
     g.add_argument("--steps", type=int, default=100)
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--warmup", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-interval", type=int, default=50)
+    g.add_argument("--checkpoint-interval", type=int, default=100)
+    g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
     g.add_argument("--ce-weight", type=float, default=0.0, help="weight of the added cross-entropy on the text")
     g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state matching (MSE)")
@@ -33,7 +37,7 @@ def add_parser(sub):
     p = sub.add_parser("finetune", help="distillation or supervised fine-tuning of a converted model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="converted revllm model, or an HF dir / .gguf / 'smollm2' to convert first")
-    p.add_argument("--data", required=True, help="token dir (revllm data) or text file")
+    p.add_argument("--data", required=True, help="token directory from `revllm data` (made with the model's tokenizer)")
     p.add_argument("--out", required=True, help="run directory (model saved to RUN/model)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--distill", dest="distill", action="store_true", default=True, help="KL to the teacher (default)")
@@ -44,20 +48,11 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _load_tokens(data, tokenizer):
-    from ..eval.perplexity import read_text_tokens, read_token_dir
-
-    d = Path(data)
-    if d.is_dir():
-        return read_token_dir(d, "train")
-    if tokenizer is None:
-        raise ValueError(f"{data} is a text file but the model has no tokenizer to tokenize it")
-    return read_text_tokens(tokenizer, d)
-
-
 def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> dict:
+    import math
+
     from ..convert.distill import AnnealA, DistillLoss
-    from ..convert.finetune import add_lora, finetune
+    from ..convert.finetune import finetune
 
     loss_fn = None
     if distill:
@@ -66,16 +61,16 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
         loss_fn = DistillLoss(teacher, args.temperature, args.ce_weight, args.hidden_weight)
     anneal = None
     if args.anneal_a is not None:
-        k0 = round(-__import__("math").log2(model.config.midpoint_a)) if model.config.dynamics == "midpoint_a" else None
-        if k0 is None:
-            raise ValueError("--anneal-a needs a midpoint_a model")
-        anneal = AnnealA(k0, args.anneal_a, args.steps)
-    if args.lora:
-        model = add_lora(model, r=args.lora)
-    tokens = _load_tokens(data, tokenizer)
-    return finetune(model, tokens, out, loss_fn=loss_fn, steps=args.steps, batch_size=args.batch_size,
-                    seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=args.seed, anneal=anneal,
-                    tokenizer=tokenizer)
+        if model is None:
+            raise ValueError("--anneal-a cannot be combined with --resume")
+        if model.config.dynamics != "midpoint_a":
+            raise ValueError(f"--anneal-a needs a midpoint_a model, not {model.config.dynamics}")
+        anneal = AnnealA(round(-math.log2(model.config.midpoint_a)), args.anneal_a, args.steps)
+    return finetune(model, data, out, teacher=teacher if distill else None, loss_fn=loss_fn, lora=args.lora,
+                    anneal=anneal, tokenizer=tokenizer, resume=args.resume, max_steps=args.steps,
+                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
+                    warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
+                    checkpoint_interval=args.checkpoint_interval, max_time=args.max_time)
 
 
 def run(args):
@@ -91,6 +86,8 @@ def run(args):
     if getattr(model.config, "model_type", "") != "revllm":
         teacher = model
         model = convert(load_source(src), **dynamics_kwargs(args))
+    if args.resume:
+        model = None  # the loop restores the student from the run's latest good checkpoint
     if args.teacher:
         teacher = load_model(args.teacher)
     if not args.distill:

@@ -33,6 +33,7 @@ FLAGS = {
     "beta2": (float, "AdamW beta2"),
     "clip": (float, "gradient-norm clip (0 = off)"),
     "precision": (str, "auto | fp32 | bf16 | fp16 (auto: bf16 on a bf16 GPU, fp32 on CPU)"),
+    "parallel": (str, "ddp | fsdp2 when launched with torchrun/accelerate on several processes"),
     "seed": (int, "seed for init, batches and dropout"),
     "eval_interval": (int, "steps between validations"),
     "eval_iters": (int, "validation batches"),

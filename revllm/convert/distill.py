@@ -112,7 +112,7 @@ def set_midpoint_a(model, a: float) -> None:
 
 
 class AnnealA:
-    """a = 2^-k with k stepped linearly from ``k_start`` down to ``k_end`` over ``steps`` (dyadic a stays
+    """a = 2^-k with k stepped linearly from ``k_start`` down to ``k_end`` over ``steps`` steps (dyadic a stays
     exactly representable, so exact reversal keeps working; the k-bit buffer shrinks as k falls)."""
 
     def __init__(self, k_start: int, k_end: int, steps: int):
@@ -121,7 +121,7 @@ class AnnealA:
         self.k_start, self.k_end, self.steps = k_start, k_end, max(int(steps), 1)
 
     def k_at(self, step: int) -> int:
-        frac = min(step / self.steps, 1.0)
+        frac = min(step / max(self.steps - 1, 1), 1.0)  # k_end is reached on the last step
         return round(self.k_start - frac * (self.k_start - self.k_end))
 
     def __call__(self, model, step: int) -> int:

@@ -136,29 +136,18 @@ def translate_config(c, **fields) -> RevLLMConfig:
     return RevLLMConfig(**common, **arch, **fields)
 
 
-def _exact_reversal_available() -> bool:
-    # Exact reversal (dyadic midpoint_a with a k-bit buffer) is a separate feature of the config.
-    return "exact_reversal" in RevLLMConfig().to_dict()
-
-
 def dynamics_fields(dynamics: str, k: int, step_size, initial_state: str, **options) -> dict:
     """RevLLMConfig fields of one conversion recipe."""
     fields = dict(dynamics=dynamics, step_size=1.0 if step_size is None else float(step_size), initial_state=initial_state)
     if dynamics == "midpoint_a":
-        if not isinstance(k, int) or not 0 <= k <= 30:
-            raise ValueError(f"k={k!r} must be an integer in [0, 30] (a = 2^-k)")
-        a = 2.0**-k
-        fields["midpoint_a"] = a
-        if _exact_reversal_available():
-            fields["exact_reversal"] = True  # bit-exact reconstruction; the k-bit buffer lifts the |a| floor
-        else:
-            # Without exact reversal, float reconstruction amplifies error by 2^k per layer: train stored.
-            fields["midpoint_a_floor"] = min(a, RevLLMConfig.midpoint_a_floor)
-            if options.get("memory_free") is None:
-                options["memory_free"] = False
-                warnings.warn(
-                    f"near-Euler midpoint_a (a=2^-{k}) converts with memory_free=False: exact reversal is unavailable"
-                )
+        from ..dynamics.fixedpoint import MAX_DYADIC_BITS
+
+        if not isinstance(k, int) or not 0 <= k <= MAX_DYADIC_BITS:
+            raise ValueError(f"k={k!r} must be an integer in [0, {MAX_DYADIC_BITS}] (a = 2^-k)")
+        fields["midpoint_a"] = 2.0**-k
+        # Float reconstruction would amplify error by 2^k per layer; exact reversal (fixed-point streams,
+        # a k-bit buffer for the bits a*p drops) makes it bit-exact instead, and lifts the |a| floor.
+        fields["exact_reversal"] = True
     fields.update({k2: v for k2, v in options.items() if v is not None})
     return fields
 

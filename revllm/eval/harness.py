@@ -44,7 +44,10 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
         for p in paths[1:]:
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"include path {p} is not a directory")
-        tm = TaskManager(include_path=paths)
+        # lm-eval's own registry takes ~10-50 s to index: skip it when the local folders have every task.
+        tm = TaskManager(include_path=paths, include_defaults=False)
+        if any(not tm.match_tasks([t]) for t in tasks):
+            tm = TaskManager(include_path=paths)
         unknown = [t for t in tasks if not tm.match_tasks([t])]
         if unknown:
             raise RevLLMError(f"unknown task(s) {', '.join(unknown)}; built-in: {', '.join(builtin_tasks())}; "

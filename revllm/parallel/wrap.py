@@ -27,7 +27,6 @@ How the reversible engine meets each engine (see revllm/engine/function.py):
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
@@ -37,7 +36,6 @@ from torch import nn
 from ..errors import RevLLMError
 
 MODES = ("none", "ddp", "fsdp2")
-log = logging.getLogger(__name__)
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
