@@ -162,6 +162,8 @@ def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
 def test_resume_refuses_architecture_change(tmp_path, token_dir, corpus_dir):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run, max_steps=3))
+    with pytest.raises(RevLLMError, match="already holds checkpoints"):  # never overwrite a run by accident
+        train(tiny_train_config(token_dir, run, max_steps=3))
     with pytest.raises(RevLLMError, match="layers cannot change"):
         train(tiny_train_config(token_dir, run, resume=True, layers=5), explicit={"resume", "layers"})
     s = train(tiny_train_config(token_dir, run, resume=True, max_steps=5), explicit={"resume", "max_steps"})

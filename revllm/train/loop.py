@@ -264,7 +264,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
 
     # -- the loop -------------------------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.dynamics}", disable=not (cfg.progress and main),
+    bar = tqdm(total=min(cfg.max_steps, cfg.stop_after or cfg.max_steps), initial=step, desc=f"train {cfg.dynamics}", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     t_start, win_tokens, win_time, val_loss, extra = time.perf_counter(), 0, 0.0, None, {}
     first_step_time, stopped = None, None
