@@ -250,18 +250,20 @@ def plot(result, path):
     xs = range(len(names))
     for off, key, label in [(-0.2, "cos_float", "float streams"), (0.2, "cos_exact", "exact streams")]:
         vals = [statistics.mean(r[key] for r in result["cosine"] if r["dynamics"] == n) for n in names]
-        ax[0].bar([x + off for x in xs], vals, 0.4, label=label)
+        bars = ax[0].bar([x + off for x in xs], [0.0 if v != v else v for v in vals], 0.4, label=label)
+        for bar, v in zip(bars, vals):
+            if v != v:  # NaN: the float reconstruction overflowed
+                ax[0].annotate("NaN", (bar.get_x() + bar.get_width() / 2, 0.02), ha="center", fontsize=8)
     ax[0].set_xticks(list(xs), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax[0].set_ylabel("cosine to stored gradient")
     ax[0].set_title(f"{result['args']['layers']} layers, bf16, sharpened weights")
     ax[0].legend()
-    for prec in ("fp32", "bf16"):
-        ax[1].bar([x + (-0.2 if prec == "fp32" else 0.2) for x in xs],
-                  [100 * next(r["overhead"] for r in result["time"] if r["dynamics"] == n and r["precision"] == prec) for n in names],
-                  0.4, label=prec)
+    # End-to-end medians on a loaded machine are noise-bound; the arithmetic-only estimate is robust.
+    ax[1].bar(list(xs), [100 * next(r["extra_fraction_of_step"] for r in result["arith"] if r["dynamics"] == n)
+                         for n in names], 0.6, label="stream arithmetic (min of repeats)")
     ax[1].axhline(5, color="k", ls="--", lw=0.8, label="5% bar")
     ax[1].set_xticks(list(xs), [n.replace(" (", "\n(") for n in names], fontsize=7)
-    ax[1].set_ylabel("exact step time overhead (%)")
+    ax[1].set_ylabel("exact extra time per step (%, est.)")
     ax[1].legend()
     for mode in ("stored", "memory-free float", "memory-free exact"):
         rs = [r for r in result["memory"] if r["mode"] == mode]
@@ -290,7 +292,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--sections", nargs="+", default=["cosine", "time", "arith", "memory"],
+    p.add_argument("--sections", nargs="*", default=["cosine", "time", "arith", "memory"],
                    help="sections to (re)measure; the others are kept from an existing results JSON")
     args = p.parse_args()
     old = args.out / "exact_reversal.json"
