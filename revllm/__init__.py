@@ -7,9 +7,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .dynamics import DYNAMICS
 from .modeling import RevLLMConfig, RevLLMForCausalLM
+# The function, not the subpackage: importing it here binds ``revllm.convert`` to the function for good
+# (the subpackage stays importable as ``revllm.convert`` via sys.modules / ``from revllm.convert import``).
+from .convert import convert
 
 AutoConfig.register("revllm", RevLLMConfig)
 AutoModelForCausalLM.register(RevLLMConfig, RevLLMForCausalLM)
 
 __version__ = "0.1.0"
-__all__ = ["DYNAMICS", "RevLLMConfig", "RevLLMForCausalLM", "__version__"]
+__all__ = ["DYNAMICS", "convert", "RevLLMConfig", "RevLLMForCausalLM", "__version__"]

@@ -35,14 +35,19 @@ ATTENTION = {"sdpa": sdpa, "eager": eager}
 
 
 def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) causal mask with padded keys removed, or None when no padding is present.
+    """Boolean (B, 1, T, S) causal mask with padded keys removed, or None for plain causal attention.
 
-    A query always sees itself, so fully padded rows (left padding) stay finite instead of NaN.
+    None only when T == S and nothing is padded: sdpa's ``is_causal`` aligns its triangle to the top
+    left, which is wrong for cached decoding (T new queries after S - T cached keys), so T != S always
+    gets an explicit bottom-right-aligned mask. A query always sees itself, so fully padded rows (left
+    padding) stay finite instead of NaN.
     """
-    if attention_mask is None or (q_len == kv_len and bool(attention_mask.all())):
-        return None
     offset = kv_len - q_len
+    if q_len == kv_len and (attention_mask is None or bool(attention_mask.all())):
+        return None
     causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)
+    if attention_mask is None:
+        return causal[None, None]  # (1, 1, T, S), broadcast over the batch
     keys = attention_mask[:, None, None, :kv_len].to(torch.bool)
     diag = torch.zeros(q_len, kv_len, dtype=torch.bool, device=device)
     diag[torch.arange(q_len), torch.arange(q_len) + offset] = True

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fixedpoint as fxp
+
 DYNAMICS: dict[str, type["Dynamics"]] = {}
 
 
@@ -66,6 +68,56 @@ class Dynamics(nn.Module):
         if not _is_zero(b):
             r = r - _scaled(b, y)
         return r if _is_one(a) else r / a
+
+    # -- exact reversal (int64 fixed-point streams) ---------------------------------------------------
+    def check_exact(self) -> int:
+        """Raise ``ValueError`` unless every layer's A is dyadic (m / 2^k, k <= 16) and nonzero.
+
+        Returns the largest integer multiplier applied to a stream (for the int64 headroom check)."""
+        if not self.reversible:
+            raise ValueError(f"exact_reversal needs a reversible dynamics; '{self.name}' is not")
+        growth = 4
+        for j in range(self.num_layers):
+            a, b, _ = (float(v) for v in self.coefficients(j))
+            d = fxp.dyadic(a)
+            if d is None or a == 0:
+                raise ValueError(
+                    f"exact_reversal needs a dyadic coefficient A = m/2^k (k <= {fxp.MAX_DYADIC_BITS}) in "
+                    f"'{self.name}' layer {j}, got {a!r}; nearest dyadic: {fxp.nearest_dyadic(a, 4)} with "
+                    f"k=4, {fxp.nearest_dyadic(a, fxp.MAX_DYADIC_BITS)} with k={fxp.MAX_DYADIC_BITS}"
+                )
+            db = fxp.dyadic(b)
+            growth = max(growth, abs(d[0]), abs(db[0]) if db else int(abs(b)) + 1)
+        return growth
+
+    def _exact_rest(self, Y, fy, b, c, bits):
+        """round(B y) + round(C f(y)): a deterministic integer function of what the backward holds."""
+        r = fxp.fixed_scaled(float(c), fy, bits)
+        if not _is_zero(b):
+            r = r + fxp.fixed_mul(float(b), Y)
+        return r
+
+    def step_exact(self, j: int, X: torch.Tensor, Y: torch.Tensor, fy: torch.Tensor, bits: int):
+        """Fixed-point step: Z = floor(m X / 2^k) + round(B Y) + round(C f(y)).
+
+        Returns (Z, low) where ``low`` holds the k dropped bits of m X packed (None when k = 0)."""
+        a, b, c = self.coefficients(j)
+        m, k = fxp.dyadic(float(a))
+        mX = X if m == 1 else X * m
+        rest = self._exact_rest(Y, fy, b, c, bits)
+        if k == 0:
+            return mX + rest, None
+        return (mX >> k) + rest, fxp.pack_bits(mX & ((1 << k) - 1), k)
+
+    def inverse_exact(self, j: int, Y: torch.Tensor, Z: torch.Tensor, fy: torch.Tensor, low, bits: int):
+        """Bit-exact inverse of ``step_exact``: m X = ((Z - rest) << k) + low, then X = m X / m."""
+        a, b, c = self.coefficients(j)
+        m, k = fxp.dyadic(float(a))
+        mX = Z - self._exact_rest(Y, fy, b, c, bits)
+        if k:
+            mX = (mX << k) + fxp.unpack_bits(low, k, Z.shape)
+        # m divides m X exactly (it was formed as m * X), so truncating division is exact.
+        return mX if m == 1 else torch.div(mX, m, rounding_mode="trunc")
 
     def extra_repr(self) -> str:
         return f"name={self.name}, h={self.h}, layers={self.num_layers}"

@@ -7,7 +7,8 @@ midpoint_a's coefficient a_j is a persistent buffer (saved with the weights). By
 once at initialization as a_j = s_j + u_j, s_j = +-1 with probability 1/2, u_j ~ U(-1/2, 1/2), from a
 generator seeded with ``config.midpoint_a_seed``; ``config.midpoint_a`` may instead give one constant
 or a per-layer list. Reconstruction divides by a_j, so float error grows by 1/|a_j| per layer: the
-config enforces |a_j| >= ``midpoint_a_floor`` unless reversal is exact.
+config enforces |a_j| >= ``midpoint_a_floor`` unless reversal is exact. Exact reversal needs dyadic
+a_j = m_j / 2^k_j; ``config.midpoint_a_dyadic_bits = k`` rounds the random draw to that grid.
 """
 import torch
 
@@ -53,7 +54,11 @@ def draw_midpoint_a(config) -> list[float]:
         # Explicit CPU: model construction may run under a meta-device context.
         sign = torch.where(torch.rand(n, generator=g, dtype=torch.float64, device="cpu") < 0.5, -1.0, 1.0)
         u = torch.rand(n, generator=g, dtype=torch.float64, device="cpu") - 0.5
-        return (sign + u).tolist()
+        a = sign + u
+        k = getattr(config, "midpoint_a_dyadic_bits", None)
+        if k is not None:  # quantize to m / 2^k so exact reversal applies (|a| >= 1/2 stays nonzero)
+            a = torch.round(a * 2**k) / 2**k
+        return a.tolist()
     if isinstance(given, (int, float)):
         return [float(given)] * n
     return [float(v) for v in given]

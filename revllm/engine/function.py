@@ -12,6 +12,13 @@ gradients (g_y, g_z), evaluate f_j(y) ONCE with grad enabled. That one evaluatio
 Then g_x = A g_z and g_y += B g_z + C J^T g_z, and the pair moves down to (x, y). The local graph is
 freed before the next layer, so memory is one layer's working set plus the streams.
 
+Exact mode (``Stack.exact_bits``): the held streams are int64 fixed point (``streams.FixedStreams``),
+so the reconstruction is bit-identical; blocks see the decoded float stream and gradients pass straight
+through the rounding (they are the float model's gradients on the fixed-point trajectory). Its stored
+reference (``store=True``) runs the identical forward but keeps each evaluation's graph instead of
+recomputing it: the backward arithmetic is the same code, so the two agree bit for bit exactly when
+the reconstruction is exact.
+
 The engine knows nothing about attention: a block is any module called as
 ``block(y, part=part, **block_kwargs)`` returning f(y) (or the named part of it).
 Parameter gradients are accumulated into ``.grad`` during the backward, as reentrant activation
@@ -19,6 +26,7 @@ checkpointing does; ``torch.autograd.grad`` on parameters therefore does not see
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,6 +34,8 @@ import torch
 from torch import nn
 
 from . import rng
+from .drift import DriftMonitor, relative_error
+from .streams import make_streams
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Stack:
     dynamics: Any  # revllm.dynamics.Dynamics
     block_kwargs: dict = field(default_factory=dict)
     preserve_rng: bool = False  # dropout active: replay each evaluation's RNG state
+    exact_bits: int | None = None  # int64 fixed-point streams with this many fraction bits; None: float
+    monitor: DriftMonitor | None = None  # reconstruction drift (always-on bottom check, debug per layer)
 
     def substeps(self):
         """(layer index, block, part) in forward order."""
@@ -50,10 +62,11 @@ class Stack:
 def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool):
     """Advance the pair (x, y) through every layer; returns the final pair (x_L, y_L).
 
-    ``memory_free=True`` uses the reversible backward; ``False`` is the identical arithmetic under
-    ordinary autograd (all activations stored), the reference the engine is tested against.
+    ``memory_free=True`` uses the reversible backward; ``False`` is the identical arithmetic with all
+    activations stored, the reference the engine is tested against (ordinary autograd for float
+    streams; the engine with kept graphs for fixed-point streams, which autograd cannot carry).
     """
-    if not memory_free:
+    if not memory_free and stack.exact_bits is None:
         for j, block, part in stack.substeps():
             x, y = y, stack.dynamics.step(j, x, y, stack.f(block, part, y))
         return x, y
@@ -63,15 +76,17 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
         p.requires_grad for b in stack.blocks for p in b.parameters()
     )
     anchor = torch.empty(0, requires_grad=True) if needs_anchor else None
-    return ReversibleStackFunction.apply(x, y, anchor, stack)
+    store = not memory_free and torch.is_grad_enabled()
+    monitor = stack.monitor if memory_free else None  # drift exists only where states are reconstructed
+    return ReversibleStackFunction.apply(x, y, anchor, stack, store, monitor)
 
 
 class ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, anchor, stack: Stack):
-        dyn = stack.dynamics
-        dev = y.device
-        rng_states = []
+    def forward(ctx, x, y, anchor, stack: Stack, store: bool = False, mon: DriftMonitor | None = None):
+        streams = make_streams(stack.dynamics, stack.exact_bits)
+        dev, dtype = y.device, y.dtype
+        rng_states, sides, kept, states = [], [], [], []
         # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
         # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
         ctx.autocast = dict(
@@ -80,51 +95,105 @@ class ReversibleStackFunction(torch.autograd.Function):
             dtype=torch.get_autocast_dtype(dev.type),
             cache_enabled=False,
         )
+        X, Y = streams.encode(x), streams.encode(y)
         with torch.autocast(**ctx.autocast):
             for j, block, part in stack.substeps():
-                if stack.preserve_rng:
+                if stack.preserve_rng and not store:
                     rng_states.append(rng.capture(dev))
-                x, y = y, dyn.step(j, x, y, stack.f(block, part, y))
-        ctx.stack, ctx.rng_states = stack, rng_states
-        ctx.save_for_backward(x, y)
-        return x, y
+                if mon is not None and mon.per_layer:
+                    states.append(X.clone())  # debug: the state the backward will reconstruct
+                yf = streams.decode(Y, dtype)
+                if store:  # reference: keep this evaluation's graph for the backward
+                    y_in = yf.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        fy = stack.f(block, part, y_in)
+                    kept.append((y_in, fy))
+                    fy = fy.detach()
+                else:
+                    fy = stack.f(block, part, yf)
+                Z, side = streams.step(j, X, Y, fy)
+                sides.append(side)
+                X, Y = Y, Z
+        streams.check()
+        ctx.stack, ctx.streams, ctx.store, ctx.mon = stack, streams, store, mon
+        ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states
+        ctx.dtype = dtype
+        # With a monitor the inputs are kept for the bottom-state drift check (one more stream, or none
+        # extra beyond the embedding output when x is y under the default "copy" initial state).
+        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()))
+        if not streams.exact:
+            return X, Y
+        return streams.decode(X, dtype), streams.decode(Y, dtype)
 
     @staticmethod
     def backward(ctx, g_y, g_z):
         stack: Stack = ctx.stack
-        dyn = stack.dynamics
-        y, z = ctx.saved_tensors  # held pair (older, newest)
-        g_y = torch.zeros_like(y) if g_y is None else g_y
-        g_z = torch.zeros_like(z) if g_z is None else g_z
+        dyn, streams = stack.dynamics, ctx.streams
+        Y, Z, *inputs = ctx.saved_tensors  # held pair (older, newest) [and the stack's inputs]
+        mon = ctx.mon
+        per_layer = mon is not None and mon.per_layer and bool(ctx.states)
+        zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
+        g_y = zeros() if g_y is None else g_y
+        g_z = zeros() if g_z is None else g_z
         steps = list(stack.substeps())
         want_input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        rels, fell_back = [], False
         with torch.autocast(**ctx.autocast):
             for i in range(len(steps) - 1, -1, -1):
                 j, block, part = steps[i]
                 a, b, c = dyn.coefficients(j)
-                # At the bottom the held y is an input stream: skip its vector-Jacobian product
-                # when the caller needs no input gradient.
-                need_gy = i > 0 or want_input_grad
-                y_in = y.detach().requires_grad_(need_gy)
-                with torch.enable_grad():
-                    if stack.preserve_rng:
-                        with rng.replay(ctx.rng_states[i], y.device):
+                if ctx.store:
+                    y_in, fy = ctx.kept[i]
+                    ctx.kept[i] = None
+                else:
+                    # At the bottom the held y is an input stream: skip its vector-Jacobian product
+                    # when the caller needs no input gradient.
+                    need_gy = i > 0 or want_input_grad
+                    y_in = streams.decode(Y, ctx.dtype).detach().requires_grad_(need_gy)
+                    with torch.enable_grad():
+                        if stack.preserve_rng:
+                            with rng.replay(ctx.rng_states[i], y_in.device):
+                                fy = stack.f(block, part, y_in)
+                        else:
                             fy = stack.f(block, part, y_in)
-                    else:
-                        fy = stack.f(block, part, y_in)
-                x = dyn.inverse(j, y, z, fy.detach())
+                    X = streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
+                    if per_layer:
+                        ref = ctx.states[i]
+                        rels.append(relative_error(X, ref))
+                        if fell_back or (mon.fallback and mon.exceeded(rels[-1])):
+                            fell_back, X = True, ref  # continue from the stored states
+                        ctx.states[i] = None
                 if fy.requires_grad:
                     torch.autograd.backward(fy, (_mul(c, g_z)).to(fy.dtype))
                 del fy  # frees this layer's graph before the next
-                g_in = y_in.grad if need_gy else None
+                g_in = y_in.grad if y_in.requires_grad else None
                 g_x = _mul(a, g_z)
                 g_y_new = g_y if g_in is None else g_in.to(g_y.dtype).add_(g_y)
                 if not (torch.is_tensor(b) or b == 0):
                     g_y_new = g_y_new + _mul(b, g_z)
-                y, z, g_y, g_z = x, y, g_x, g_y_new
-        # (y, z) is now the input pair (x_0, y_0) with gradients (g_y, g_z).
+                if not ctx.store:
+                    Y, Z = X, Y
+                g_y, g_z = g_x, g_y_new
+        if mon is not None:
+            _report(mon, streams, (Y, Z), inputs, rels, fell_back)
+        # g_y, g_z are now the gradients of the input pair (x_0, y_0).
         return (g_y if ctx.needs_input_grad[0] else None,
-                g_z if ctx.needs_input_grad[1] else None, None, None)
+                g_z if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+def _report(mon: DriftMonitor, streams, rec, inputs, rels, fell_back):
+    """Bottom-state check (always) and per-layer errors (debug) into the monitor."""
+    ref = [streams.encode(t.detach()) for t in inputs]
+    mon.record_bottom(torch.maximum(relative_error(rec[0], ref[0]), relative_error(rec[1], ref[1])))
+    if rels:
+        mon.record_layers(rels)
+        if any(r > mon.threshold for r in mon.last_per_layer if mon.threshold is not None):
+            worst = max(mon.last_per_layer)
+            warnings.warn(
+                f"reversible backward: per-layer drift {worst:.3g} > drift_threshold {mon.threshold:g}"
+                + ("; fell back to the stored states for this step" if fell_back else "")
+            )
+    mon.fallbacks += int(fell_back)
 
 
 def _mul(coef, t):

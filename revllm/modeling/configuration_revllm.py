@@ -12,6 +12,11 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
   The newest stream (p_L) always feeds the final norm and the LM head.
 * ``memory_free``: reversible backward (default for reversible rules) or ordinary stored autograd.
 * ``midpoint_a`` / ``midpoint_a_seed`` / ``midpoint_a_floor``: midpoint_a's coefficients.
+* ``exact_reversal`` / ``exact_fraction_bits``: hold the streams as int64 fixed point with that many
+  fractional bits, so the memory-free backward reconstructs every state bit for bit (midpoint_a needs
+  dyadic a_j = m/2^k; ``midpoint_a_dyadic_bits`` rounds the random draw to such a grid).
+* ``drift_monitor`` / ``drift_threshold`` / ``drift_fallback``: reconstruction-drift diagnostics (debug
+  per-layer errors against a stored forward; warn above the threshold; optionally use the stored states).
 * ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy, so full logits are never held.
 """
 from __future__ import annotations
@@ -57,6 +62,17 @@ class RevLLMConfig(PretrainedConfig):
     midpoint_a: float | list | None = None
     midpoint_a_seed: int = 0
     midpoint_a_floor: float = 0.25
+    midpoint_a_dyadic_bits: int | None = None
+
+    # Exact reversal. Default off: its cost was not shown to be <= 5% (CPU end-to-end timings were
+    # noise-bound; the stream arithmetic alone is +1.5..+4% per step for midpoint/leapfrog/hamiltonian
+    # and +7..8% for midpoint_a at d=128) and int64 streams double the held stream memory.
+    # See benchmarks/results/exact_reversal.md.
+    exact_reversal: bool = False
+    exact_fraction_bits: int = 32
+    drift_monitor: bool = False
+    drift_threshold: float | None = None
+    drift_fallback: bool = False
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -109,9 +125,27 @@ class RevLLMConfig(PretrainedConfig):
                 f"memory_free=True needs a reversible dynamics; {self.dynamics!r} is not "
                 f"(use one of {', '.join(sorted(k for k, v in DYNAMICS.items() if v.reversible))}, or memory_free=False)"
             )
+        self._check_exact(rule)
         if self.dynamics == "midpoint_a":
             self._check_midpoint_a()
         super().__post_init__(**kwargs)
+
+    def _check_exact(self, rule):
+        b = self.exact_fraction_bits
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 56:
+            raise ValueError(f"exact_fraction_bits={b!r} must be an integer in [1, 56]")
+        k = self.midpoint_a_dyadic_bits
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16):
+            raise ValueError(f"midpoint_a_dyadic_bits={k!r} must be None or an integer in [1, 16]")
+        if self.exact_reversal and not rule.reversible:
+            raise ValueError(f"exact_reversal=True needs a reversible dynamics; {self.dynamics!r} is not")
+        t = self.drift_threshold
+        if t is not None and not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
+            raise ValueError(f"drift_threshold={t!r} must be None or a finite number > 0")
+        if self.drift_fallback and not self.drift_monitor:
+            raise ValueError("drift_fallback=True needs drift_monitor=True: it falls back to the states the monitor stores")
+        if self.drift_fallback and t is None:
+            raise ValueError("drift_fallback=True needs a drift_threshold to decide when to fall back")
 
     def _check_midpoint_a(self):
         from ..dynamics.midpoint import draw_midpoint_a
@@ -123,7 +157,18 @@ class RevLLMConfig(PretrainedConfig):
             )
         if a is not None and not isinstance(a, (int, float, list, tuple)):
             raise ValueError(f"midpoint_a={a!r} must be None (random draw), a number, or a per-layer list")
+        from ..dynamics import fixedpoint as fxp
+
         for j, v in enumerate(draw_midpoint_a(self)):
+            if self.exact_reversal:  # exact division by a: no floor, but a must be a nonzero dyadic
+                if v == 0 or fxp.dyadic(v) is None:
+                    raise ValueError(
+                        f"midpoint_a[{j}]={v!r} is not a nonzero dyadic m/2^k (k <= {fxp.MAX_DYADIC_BITS}), "
+                        f"which exact_reversal needs; nearest dyadic: {fxp.nearest_dyadic(v, 4)} with k=4, "
+                        f"{fxp.nearest_dyadic(v, fxp.MAX_DYADIC_BITS)} with k={fxp.MAX_DYADIC_BITS} "
+                        f"(or set midpoint_a_dyadic_bits for the random draw)"
+                    )
+                continue
             if not math.isfinite(v) or abs(v) < self.midpoint_a_floor:
                 raise ValueError(
                     f"midpoint_a[{j}]={v:g} is below midpoint_a_floor={self.midpoint_a_floor:g}: float "

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..blocks import BACKBONES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
-from ..engine import Stack, run_stack
+from ..engine import DriftMonitor, Stack, run_stack
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
 
@@ -113,6 +113,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         position_ids=None,
         past_key_values=None,
         inputs_embeds=None,
+        cache=None,
         labels=None,
         use_cache=None,
         logits_to_keep: int = 0,
@@ -123,11 +124,15 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         device = (input_ids if input_ids is not None else inputs_embeds).device
+        # transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before): accept both.
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and not self.training
         if use_cache and past_key_values is None:
             from transformers import DynamicCache
 
             past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None and self.config.initial_state == "fixed_point":
+            _add_fixed_point_slot(past_key_values, self.config.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
@@ -140,7 +145,9 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if caching:
             block_kwargs["cache"] = _CacheView(past_key_values)
         preserve_rng = self.training and self.config.dropout > 0
-        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng)
+        exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
+        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
+                      DriftMonitor.attach(self, self.config))
         x0, y0 = self._initial_pair(p0, stack)
 
         # The reversible backward only pays off when a backward will run; caching would be updated
@@ -170,7 +177,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if labels is None or not torch.is_grad_enabled():
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
     def _checkpointed_stack(self, x, y, stack: Stack):
         """Stored path with per-layer activation checkpointing (HF's gradient checkpointing)."""
@@ -183,6 +190,24 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         for j, block in enumerate(stack.blocks):
             x, y = self._gradient_checkpointing_func(layer, j, block, x, y)
         return x, y
+
+
+# The output field holding the cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _add_fixed_point_slot(cache, num_layers: int) -> None:
+    """initial_state="fixed_point" evaluates f_0 once more, at p_0, before the stack: that evaluation
+    attends over its own keys/values, so it gets one extra cache slot after the L layers' slots."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) > num_layers:
+        return
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"initial_state='fixed_point' needs a DynamicCache for generation, got {type(cache).__name__}")
+    while len(layers) <= num_layers:
+        layers.append(DynamicLayer())
 
 
 class _CacheView:

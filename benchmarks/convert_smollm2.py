@@ -1,0 +1,239 @@
+"""Benchmark: converting SmolLM2-135M-Instruct into reversible models, before and after distillation.
+
+Measures, on CPU:
+  1. held-out perplexity (KJV passage) of the original and of each conversion before training:
+     euler, near-Euler midpoint_a at k = 1, 2, 4, 6, and the paper's retrofit (midpoint, leapfrog,
+     hamiltonian; h = 1, fixed-point initial state), plus KL(original || converted);
+  2. a short distillation of the near-Euler k = 4 model (time-budgeted), held-out perplexity after;
+  3. optional a-annealing (k 4 -> 0) during a second short distillation;
+  4. per-step time and saved-activation bytes of a distillation step vs ordinary fine-tuning of the
+     original with and without gradient checkpointing.
+Writes benchmarks/results/convert_smollm2.{json,md,png}. Not a test (minutes of CPU).
+
+Usage: PYTHONPATH=. python benchmarks/convert_smollm2.py --kjv /tmp/kjv.txt [--distill-minutes 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+from revllm.assets import smollm2_model_dir  # noqa: E402
+from revllm.convert import convert  # noqa: E402
+from revllm.convert.distill import AnnealA, DistillLoss  # noqa: E402
+from revllm.eval import evaluate_perplexity, kl_divergence  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+
+
+def kjv_text(path: Path) -> str:
+    """Plain prose: drop book/chapter headings and verse numbers."""
+    lines = []
+    for line in path.read_text().splitlines():
+        m = re.match(r"^\s+\d+\s+(.*)$", line)
+        if m:
+            lines.append(m.group(1))
+        elif line.startswith("   ") and lines:
+            lines[-1] += " " + line.strip()
+    return "\n".join(lines)
+
+
+def saved_bytes(fn):
+    """Run fn() and count the bytes autograd saves for backward (parameters excluded, storages deduped)."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total[0] += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def step_cost(model, loss_fn, batches, lr=1e-5):
+    """Mean seconds per optimizer step and saved-activation MiB of one step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    times, act = [], None
+    for i, x in enumerate(batches):
+        t0 = time.perf_counter()
+        (loss, _), b = saved_bytes(lambda: loss_fn(model, {"input_ids": x}))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # first step warms up allocators
+            times.append(time.perf_counter() - t0)
+        act = b / 2**20
+    return sum(times) / len(times), act
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kjv", type=Path, default=Path(".cache/assets/kjv.txt"))
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--distill-minutes", type=float, default=10.0)
+    ap.add_argument("--anneal-minutes", type=float, default=0.0)
+    ap.add_argument("--cost-steps", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = smollm2_model_dir()
+    tok = AutoTokenizer.from_pretrained(d)
+    orig = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.tensor(tok(kjv_text(args.kjv), add_special_tokens=False)["input_ids"])
+    n_held = args.eval_tokens
+    held, train = ids[-n_held:], ids[: -n_held - 1]  # held-out: the end of Revelation; never trained on
+    res = {"machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+           "command": " ".join(sys.argv), "torch": torch.__version__, "held_out_tokens": int(len(held)),
+           "before": {}, "distill": {}, "cost": {}}
+    ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
+
+    # -- 1. before training --------------------------------------------------------------------------
+    res["before"]["original"] = {"perplexity": ev(orig), "kl": 0.0}
+    recipes = [("euler", {}), *[(f"midpoint_a k={k}", {"dynamics": "midpoint_a", "k": k}) for k in (6, 4, 2, 1)],
+               ("midpoint", {"dynamics": "midpoint"}), ("leapfrog", {"dynamics": "leapfrog"}),
+               ("hamiltonian", {"dynamics": "hamiltonian"}),
+               ("midpoint h=0.5 copy", {"dynamics": "midpoint", "step_size": 0.5, "initial_state": "copy"})]
+    for name, kw in recipes:
+        kw = kw or {"dynamics": "euler"}
+        m = convert(orig, **kw)
+        res["before"][name] = {"perplexity": ev(m), "kl": kl_divergence(orig, m, held, seq_len=args.eval_seq_len)}
+        print(name, res["before"][name], flush=True)
+        del m
+    _write(res)
+
+    # -- 2. distillation of near-Euler k=4, time-budgeted -------------------------------------------
+    loss_fn = DistillLoss(orig, temperature=1.0)
+    rng = torch.Generator().manual_seed(0)
+
+    def batch():
+        s = torch.randint(0, len(train) - args.seq_len, (args.batch_size,), generator=rng)
+        return torch.stack([train[i : i + args.seq_len] for i in s.tolist()])
+
+    def distill(model, minutes, anneal=None, label=""):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        model.train()
+        curve, tokens, t0, step = [{"tokens": 0, "perplexity": ev(model)}], 0, time.perf_counter(), 0
+        budget = minutes * 60
+        marks = [12_800, 25_600, 51_200, 102_400, 204_800]
+        while time.perf_counter() - t0 < budget:
+            k = anneal(model, step) if anneal else None
+            loss, met = loss_fn(model, {"input_ids": batch()})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step, tokens = step + 1, tokens + args.batch_size * args.seq_len
+            print(f"{label} step {step} tokens {tokens} kl {met['kl']:.4f} k {k}", flush=True)
+            if marks and tokens >= marks[0]:
+                marks.pop(0)
+                curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
+                print(label, curve[-1], flush=True)
+        if curve[-1]["tokens"] != tokens:
+            curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
+        return {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
+                "memory_free": bool(model.config.memory_free)}
+
+    m = convert(orig, dynamics="midpoint_a", k=4)
+    res["distill"]["midpoint_a k=4"] = distill(m, args.distill_minutes, label="k=4")
+    _write(res)
+    if args.anneal_minutes > 0:
+        m = convert(orig, dynamics="midpoint_a", k=4)
+        est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
+        res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, args.anneal_minutes, AnnealA(4, 0, int(est_steps * 0.8)),
+                                                               label="anneal")
+        _write(res)
+    del m
+
+    # -- 3. step cost ----------------------------------------------------------------------------------
+    xs = [batch() for _ in range(args.cost_steps)]
+    ce = lambda model, b: (model(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})  # noqa: E731
+    src = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    res["cost"]["original fine-tune (CE)"] = step_cost(src, ce, xs)
+    src.gradient_checkpointing_enable()
+    res["cost"]["original fine-tune (CE), grad checkpointing"] = step_cost(src, ce, xs)
+    del src
+    for name, kw in [("distill midpoint_a k=4 (stored)", dict(dynamics="midpoint_a", k=4)),
+                     ("distill midpoint (memory-free)", dict(dynamics="midpoint"))]:
+        res["cost"][name] = step_cost(convert(orig, **kw), loss_fn, xs)
+        print(name, res["cost"][name], flush=True)
+    res["cost_batch"] = f"{args.batch_size}x{args.seq_len}"
+    _write(res)
+
+
+def _write(res):
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "convert_smollm2.json").write_text(json.dumps(res, indent=1))
+    md = [f"# SmolLM2-135M-Instruct conversion ({res['machine']})", "", f"Command: `{res['command']}`", "",
+          f"Held-out: last {res['held_out_tokens']} tokens of the KJV (end of Revelation), verse numbers removed.", "",
+          "## Before training", "", "| conversion | perplexity | KL(original ‖ converted), nats/token |", "|---|---|---|"]
+    for name, r in res["before"].items():
+        md.append(f"| {name} | {r['perplexity']:.4g} | {r['kl']:.4g} |")
+    if res["distill"]:
+        md += ["", "## Distillation (KL to the original, T = 1)", "",
+               "| model | tokens | steps | seconds | memory-free | perplexity before → after |", "|---|---|---|---|---|---|"]
+        for name, r in res["distill"].items():
+            c = r["curve"]
+            md.append(f"| {name} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
+                      f"{c[0]['perplexity']:.4g} → {c[-1]['perplexity']:.4g} |")
+        md += ["", "Curves (tokens: perplexity): " + "; ".join(
+            f"{n}: " + ", ".join(f"{p['tokens']}: {p['perplexity']:.4g}" for p in r["curve"]) for n, r in res["distill"].items())]
+    if res["cost"]:
+        md += ["", f"## Step cost (batch {res.get('cost_batch')})", "",
+               "| step | s/step | tokens/s | saved activations (MiB) |", "|---|---|---|---|"]
+        b, t = map(int, res["cost_batch"].split("x"))
+        for name, (sec, mib) in res["cost"].items():
+            md.append(f"| {name} | {sec:.2f} | {b * t / sec:.0f} | {mib:.1f} |")
+    (OUT / "convert_smollm2.md").write_text("\n".join(md) + "\n")
+    _plot(res)
+
+
+def _plot(res):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(res["before"])
+    ax = axes[0]
+    ax.barh(names, [res["before"][n]["perplexity"] for n in names], color="tab:blue")
+    ax.set_xscale("log")
+    ax.axvline(res["before"]["original"]["perplexity"], color="k", lw=0.8, ls="--")
+    ax.set_xlabel("held-out perplexity (log)")
+    ax.set_title("before training")
+    ax.invert_yaxis()
+    ax = axes[1]
+    for n, r in res["distill"].items():
+        ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], marker="o", label=n)
+    ax.axhline(res["before"]["original"]["perplexity"], color="k", lw=0.8, ls="--", label="original")
+    ax.set_xlabel("distillation tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("distillation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "convert_smollm2.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

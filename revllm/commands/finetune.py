@@ -1,0 +1,102 @@
+"""``revllm finetune SRC --data DATA --out RUN``: distill (default) or SFT a (converted) model.
+
+SRC is a converted revllm model, or an original HF model / .gguf / ``smollm2`` which is first converted
+with ``--dynamics/--k`` (the original then serves as the teacher). For a model that is already converted,
+distillation needs ``--teacher``. DATA is a ``revllm data`` token dir. Training runs on ``revllm train``'s loop (checkpoints, --resume, metrics.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (the `revllm train` loop)")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--warmup", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-interval", type=int, default=50)
+    g.add_argument("--checkpoint-interval", type=int, default=100)
+    g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    g.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
+                   help="under torchrun/accelerate launch with several processes (--batch-size is per process)")
+    g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
+    g.add_argument("--ce-weight", type=float, default=0.0, help="weight of the added cross-entropy on the text")
+    g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state matching (MSE)")
+    g.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft), merged on save")
+    g.add_argument("--anneal-a", type=int, default=None, metavar="K_END",
+                   help="midpoint_a: step k down to K_END (a = 2^-k toward 1) over the run")
+
+
+def add_parser(sub):
+    from .convert import add_dynamics_args
+
+    p = sub.add_parser("finetune", help="distillation or supervised fine-tuning of a converted model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="converted revllm model, or an HF dir / .gguf / 'smollm2' to convert first")
+    p.add_argument("--data", required=True, help="token directory from `revllm data` (made with the model's tokenizer)")
+    p.add_argument("--out", required=True, help="run directory (model saved to RUN/model)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--distill", dest="distill", action="store_true", default=True, help="KL to the teacher (default)")
+    mode.add_argument("--sft", dest="distill", action="store_false", help="plain cross-entropy on DATA")
+    p.add_argument("--teacher", help="teacher model (default: SRC itself when SRC is an original HF model)")
+    add_dynamics_args(p)
+    add_training_args(p)
+    p.set_defaults(func=run)
+
+
+def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> dict:
+    import math
+
+    from ..convert.distill import AnnealA, DistillLoss
+    from ..convert.finetune import finetune
+
+    loss_fn = None
+    if distill:
+        if teacher is None:
+            raise ValueError("distillation needs a teacher: pass --teacher ORIGINAL (or use --sft)")
+        loss_fn = DistillLoss(teacher, args.temperature, args.ce_weight, args.hidden_weight)
+    anneal = None
+    if args.anneal_a is not None:
+        if model is None:
+            raise ValueError("--anneal-a cannot be combined with --resume")
+        if model.config.dynamics != "midpoint_a":
+            raise ValueError(f"--anneal-a needs a midpoint_a model, not {model.config.dynamics}")
+        anneal = AnnealA(round(-math.log2(model.config.midpoint_a)), args.anneal_a, args.steps)
+    return finetune(model, data, out, teacher=teacher if distill else None, loss_fn=loss_fn, lora=args.lora,
+                    anneal=anneal, tokenizer=tokenizer, resume=args.resume, max_steps=args.steps,
+                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
+                    warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
+                    checkpoint_interval=args.checkpoint_interval, max_time=args.max_time,
+                    parallel=args.parallel)
+
+
+def run(args):
+    from ..convert import convert, load_source
+    from ..eval.load import load_model, load_tokenizer, offline, resolve_model_dir
+    from .convert import dynamics_kwargs
+
+    offline()
+    src = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
+    model = load_model(src)
+    tokenizer = load_tokenizer(src, required=False)
+    teacher = None
+    if getattr(model.config, "model_type", "") != "revllm":
+        teacher = model
+        model = convert(load_source(src), **dynamics_kwargs(args))
+    if args.resume:
+        model = None  # the loop restores the student from the run's latest good checkpoint
+    if args.teacher:
+        teacher = load_model(args.teacher)
+    if not args.distill:
+        teacher = None
+    summary = run_finetune(model, teacher, tokenizer, args.data, args.out, args, distill=args.distill)
+    summary.pop("model")
+    print(json.dumps(summary, indent=1))
+    print(f"saved to {Path(args.out) / 'model'}")
+    return 0

@@ -1,0 +1,51 @@
+"""``revllm generate``: sample text from a run, checkpoint or HF model dir (HF ``generate``)."""
+from __future__ import annotations
+
+import sys
+
+from .common import offline, positive_int
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="sample text from a checkpoint (greedy, temperature, top-k, top-p)")
+    p.add_argument("model", metavar="CKPT", help="run dir (latest good checkpoint), checkpoint dir or HF model dir")
+    p.add_argument("--prompt", help="prompt text (default: read stdin)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one saved with the model)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    offline()
+    import torch
+    from transformers import GenerationConfig
+
+    from ..errors import RevLLMError
+    from ..train.checkpoint import load_model, load_tokenizer
+
+    if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
+        raise RevLLMError("need --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (or use --greedy)")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise RevLLMError("empty prompt: pass --prompt or pipe text on stdin")
+    tok = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model).eval()
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_token_id
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                           temperature=None if args.greedy else args.temperature,
+                           top_k=None if args.greedy else (args.top_k or None),
+                           top_p=None if args.greedy else args.top_p, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(args.seed)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and enc["input_ids"].shape[1] + args.max_new_tokens > max_pos:
+        raise RevLLMError(f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
+                          f"exceeds the model's {max_pos} positions")
+    with torch.no_grad():
+        out = model.generate(**enc, generation_config=gen)
+    print(prompt + tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))

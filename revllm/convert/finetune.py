@@ -1,0 +1,120 @@
+"""Conversion fine-tuning on the project's training loop: distillation (or plain SFT), LoRA, a-annealing.
+
+``finetune(model, data, out, teacher=...)`` hands the model to ``revllm.train.loop.train`` (the same
+loop as ``revllm train``: accelerate, atomic verified checkpoints, ``--resume``, metrics.csv,
+TensorBoard) with a ``DistillLoss`` as its ``loss_fn``; the validation loss it logs is then the
+distillation loss. LoRA adapters (peft) are merged back before the final model is written to
+``RUN/model``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import RevLLMError
+
+
+def add_lora(model, r: int = 8, alpha: int | None = None, dropout: float = 0.0, target_modules=None):
+    """Wrap ``model`` with peft LoRA adapters on the attention projections (GPT-2: c_attn, attn.c_proj)."""
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r={r} must be >= 1")
+    gpt2 = getattr(model.config, "block", getattr(model.config, "model_type", "")) == "gpt2"
+    if target_modules is None:
+        target_modules = ["c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=target_modules,
+                     fan_in_fan_out=gpt2, task_type="CAUSAL_LM")  # GPT-2's Conv1D stores (in, out)
+    return get_peft_model(model, cfg)
+
+
+class AnnealedLoss:
+    """Wraps a loss_fn: before each training optimizer step, set midpoint_a's a = 2^-k(step)."""
+
+    def __init__(self, loss_fn, anneal, grad_accum: int = 1, start_step: int = 0):
+        self.loss_fn, self.anneal, self.grad_accum = loss_fn, anneal, grad_accum
+        self.calls = start_step * grad_accum
+
+    def __call__(self, model, batch):
+        if model.training:  # evaluation calls leave the schedule alone
+            self.anneal(model, self.calls // self.grad_accum)
+            self.calls += 1
+        return self.loss_fn(model, batch)
+
+
+def save_model_atomic(model, out: Path, tokenizer=None) -> Path:
+    """save_pretrained into ``out`` via a temporary directory and a rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal=None, tokenizer=None,
+             resume: bool = False, **train_options) -> dict:
+    """Distill (``teacher`` given) or SFT ``model`` on a token directory with the project's training loop.
+
+    Args:
+        model: a RevLLMForCausalLM (e.g. from ``revllm.convert``); None with ``resume`` loads the checkpoint's.
+        data: token directory from ``revllm data``.
+        out: run directory; the final (merged) model goes to ``out/model``.
+        teacher: frozen original model; default loss then is ``DistillLoss(teacher)``.
+        loss_fn: overrides the loss (``loss_fn(model, batch) -> (loss, metrics)``).
+        lora: LoRA rank (0: full fine-tuning).
+        anneal: optional ``AnnealA`` (midpoint_a's a toward 1).
+        **train_options: TrainConfig fields (max_steps, batch_size, seq_len, lr, warmup, eval_interval, ...).
+    Returns the loop's summary dict plus ``model`` (the trained, merged model).
+    """
+    from ..train.config import RESUME_MUTABLE, build_config
+    from ..train.loop import train
+    from .distill import DistillLoss
+
+    if lora and resume:
+        raise RevLLMError("--resume with --lora is not supported: checkpoints of a LoRA run hold the adapters only")
+    if loss_fn is None and teacher is not None:
+        loss_fn = DistillLoss(teacher)
+    if model is not None:
+        c = model.config
+        train_options.setdefault("dynamics", c.dynamics)
+        train_options.setdefault("block", c.block)
+    if lora:
+        model = add_lora(model, r=lora)
+    cfg = build_config(overrides={"data": str(data), "out": str(out), "resume": resume, **train_options})
+    if anneal is not None:
+        loss_fn = AnnealedLoss(loss_fn or (lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})),
+                               anneal, cfg.grad_accum)
+    # On --resume the checkpoint's config rules, except the run-length/bookkeeping keys given here.
+    explicit = {k for k, v in train_options.items() if k in RESUME_MUTABLE and v is not None} | {"data"}
+    summary = train(cfg, model=model, loss_fn=loss_fn, teacher=teacher, explicit=explicit)
+    if model is None:  # resumed: the loop loaded the model itself; reload the final checkpoint's
+        from ..train.checkpoint import latest_good, load_model
+
+        model = load_model(latest_good(Path(out)))
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # --parallel fsdp2 sharded it in place: gather (collective)
+        from ..parallel.full_state import full_model_copy
+
+        model = full_model_copy(model)  # None on ranks > 0
+    final = None
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one writer under torchrun
+        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        final.eval()
+        save_model_atomic(final, Path(out) / "model", tokenizer)
+    if dist.is_initialized():
+        dist.barrier()
+    return {**summary, "model": final}

@@ -1,0 +1,192 @@
+"""Tokenize text into nanoGPT-style token files: ``DIR/train.bin``, ``DIR/val.bin``, ``DIR/meta.json``.
+
+Inputs: text files, folders (recursive, text suffixes), JSONL (one document per line, ``text_key``),
+and Hugging Face datasets saved with ``save_to_disk``. Everything streams: files are read in
+line-aligned chunks of ~1 MB and tokens are appended to the .bin files, so a corpus larger than RAM
+works. Documents are separated by the tokenizer's end-of-text token.
+
+Validation split: the token stream is cut into blocks of ``VAL_BLOCK`` tokens and the last
+``val_fraction`` of each block goes to val.bin. This needs no second pass, spreads the held-out text
+over the whole corpus, and gives a non-empty val split for any non-empty input (even one file).
+
+dtype: uint16 when the vocabulary fits (<= 65536 ids), else uint32. ``meta.json`` records the
+tokenizer's identity (name, sha256 of tokenizer.json, vocab size, separator id) and is written last and
+atomically; the tokenizer itself is copied to ``DIR/tokenizer/`` so the token dir is self-contained.
+The .bin files are written under temporary names and renamed at the end: a failed run never damages
+an existing token dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RevLLMError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".html", ".htm", ".py", ".csv", ".org", ""}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+CHUNK_CHARS = 1 << 20
+VAL_BLOCK = 1 << 16
+
+
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # a multi-byte char cut at the 8 KiB boundary is fine
+    return False
+
+
+def _expand(inputs) -> list[tuple[str, Path]]:
+    """(kind, path) for every input; kind is text | jsonl | hf."""
+    out = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"input {p} does not exist")
+        if p.is_dir():
+            if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+                out.append(("hf", p))
+                continue
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+                           and (f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES or f.name.endswith(".rst.txt")))
+            if not files:
+                raise RevLLMError(f"folder {p} holds no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))}, .jsonl)")
+            out.extend(("jsonl" if f.suffix.lower() in JSONL_SUFFIXES else "text", f) for f in files)
+        else:
+            out.append(("jsonl" if p.suffix.lower() in JSONL_SUFFIXES else "text", p))
+    for kind, p in out:
+        if kind != "hf":
+            if p.stat().st_size == 0:
+                raise RevLLMError(f"input {p} is empty")
+            if _looks_binary(p):
+                raise RevLLMError(f"input {p} looks binary (not UTF-8 text); pass text, JSONL or a saved HF dataset")
+    return out
+
+
+def _documents(kind: str, path: Path, text_key: str):
+    """Yield lists of text pieces; each yielded list is one document (pieces are ~1 MB chunks)."""
+    if kind == "text":
+        with open(path, encoding="utf-8", errors="strict") as f:
+            doc, size = [], 0
+            for line in f:
+                doc.append(line)
+                size += len(line)
+                if size >= CHUNK_CHARS:
+                    yield ["".join(doc)], False  # more of the same document follows
+                    doc, size = [], 0
+            yield ["".join(doc)], True
+    elif kind == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RevLLMError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
+                    raise RevLLMError(f"{path}:{n} has no string field {text_key!r} (set --text-key)")
+                yield [rec[text_key]], True
+    else:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        splits = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
+        for split in splits:
+            if text_key not in split.column_names:
+                raise RevLLMError(f"dataset {path} has no column {text_key!r} (columns: {', '.join(split.column_names)}); set --text-key")
+            for batch in split.iter(batch_size=256):
+                for text in list(batch[text_key]):
+                    yield [text or ""], True
+
+
+def tokenizer_identity(tokenizer, source: str) -> dict:
+    """What identifies a tokenizer: its name/source, vocab size, separator id and a content hash."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        tj = Path(d) / "tokenizer.json"
+        digest = hashlib.sha256(tj.read_bytes()).hexdigest() if tj.is_file() else None
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    if sep is None:
+        raise RevLLMError(f"tokenizer {source} has no end-of-text/eos token to separate documents")
+    name = "SmolLM2-135M-Instruct" if source == "smollm2" else getattr(tokenizer, "name_or_path", source)
+    return {"name": name, "source": source, "sha256": digest,
+            "vocab_size": len(tokenizer), "separator_id": int(sep)}
+
+
+def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True) -> dict:
+    """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``)."""
+    from tqdm.auto import tqdm
+
+    from ..train.checkpoint import load_tokenizer
+
+    if not 0.0 < val_fraction < 0.5:
+        raise RevLLMError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
+    sources = _expand(inputs)
+    tok = load_tokenizer(tokenizer)
+    ident = tokenizer_identity(tok, str(tokenizer))
+    dtype = np.uint16 if ident["vocab_size"] <= 1 << 16 else np.uint32
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {s: out / f".{s}.bin.tmp-{os.getpid()}" for s in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    n_docs, buf = 0, []
+    total_bytes = sum(p.stat().st_size for k, p in sources if k != "hf") or None
+
+    def flush(final=False):
+        nonlocal buf
+        while buf and (len(buf) >= VAL_BLOCK or final):
+            block, buf = buf[:VAL_BLOCK], buf[VAL_BLOCK:]
+            n_val = max(1, int(round(len(block) * val_fraction)))
+            for split, part in (("train", block[:-n_val]), ("val", block[-n_val:])):
+                np.asarray(part, dtype=dtype).tofile(files[split])
+                counts[split] += len(part)
+
+    files = {s: open(p, "wb") for s, p in tmp.items()}
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            for kind, path in sources:
+                for pieces, doc_end in _documents(kind, path, text_key):
+                    for text in pieces:
+                        if text:
+                            buf.extend(tok(text, add_special_tokens=False)["input_ids"])
+                        if kind != "hf":
+                            bar.update(len(text.encode("utf-8")))
+                    if doc_end:
+                        buf.append(ident["separator_id"])
+                        n_docs += 1
+                    flush()
+            flush(final=True)
+        for f in files.values():
+            f.close()
+        if counts["train"] < 2 or sum(counts.values()) <= n_docs:
+            raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
+        for s, p in tmp.items():
+            os.replace(p, out / f"{s}.bin")
+        tok_dir = out / "tokenizer"
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tok.save_pretrained(tok_dir)
+        meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
+                "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
+                "val_fraction": val_fraction, "requested": [str(p) for p in inputs],
+                "inputs": [str(p) for _, p in sources]}
+        tmp_meta = out / ".meta.json.tmp"
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, out / "meta.json")  # written last: a token dir without meta.json is incomplete
+        return meta
+    finally:
+        for f in files.values():
+            f.close()
+        for p in tmp.values():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,203 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards.
+
+Layout of a checkpoint directory::
+
+    .metadata            DCP's index of every tensor shard (see "unpickling" below)
+    __<rank>_0.distcp    each rank's tensor data (model, optimizer)
+    trainer_state.json   the caller's JSON state (step, data position, ...) + SHA-256 of every file
+
+Works for DDP (full tensors, written once by DCP's de-duplication), FSDP2 (DTensor shards) and single
+process, and reloads under a different world size (DCP reshards on load).
+
+Safety, by the project's rules:
+* **Atomic.** All ranks write into ``<dir>.tmp``; rank 0 writes the JSON last and then
+  ``os.replace``s the directory into place, so a crash leaves the previous checkpoint intact.
+* **Corruption is refused.** ``trainer_state.json`` lists each file's size and SHA-256; rank 0 checks
+  them before anything is loaded and every rank raises ``CheckpointError`` on a mismatch.
+* **No arbitrary unpickling.** DCP's ``FileSystemReader.read_metadata`` calls ``pickle.load`` on
+  ``.metadata``. ``SafeFileSystemReader`` replaces it with an unpickler that resolves only DCP's own
+  metadata dataclasses, ``torch.Size``, dtypes/layouts/memory formats, ``pathlib`` paths and plain
+  containers; anything else (``os.system``, arbitrary classes) raises. Non-tensor values (optimizer hyper-parameters) are loaded with
+  ``torch.load(weights_only=True)`` instead of DCP's default ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from ..errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+
+
+# -- safe reading -------------------------------------------------------------------------------
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},  # looks a layout up by name in torch's namespace
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},  # storage_meta.checkpoint_id
+    "collections": {"OrderedDict"},
+}
+_TORCH_SINGLETONS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_SINGLETONS):
+            return getattr(torch, name)  # e.g. torch.float32, torch.strided
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP reader whose metadata unpickler only accepts DCP's metadata classes (see module docstring)."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Loads DCP's non-tensor entries with ``weights_only=True`` (DCP's default uses False)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# -- save / load --------------------------------------------------------------------------------
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _digests(directory: Path) -> dict:
+    out = {}
+    for p in sorted(directory.iterdir()):
+        if p.name != STATE_FILE and p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[p.name] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def save_sharded(path, model, optimizer=None, state: dict | None = None) -> Path:
+    """Write model (+ optimizer) shards and the JSON ``state`` to directory ``path``; collective.
+
+    ``model`` may be the DDP wrapper, an FSDP2-sharded model or a plain model.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    opts = StateDictOptions(ignore_frozen_params=False)
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        to_save = {"model": msd, "optim": osd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        to_save = {"model": get_model_state_dict(model, options=opts)}
+    dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(tmp)))
+    _barrier()
+    if _rank() == 0:
+        meta = {"state": state or {}, "files": _digests(tmp), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    _barrier()
+    return path
+
+
+def _verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong."""
+    if not (path / STATE_FILE).is_file():
+        return f"{path} is not a complete sharded checkpoint (no {STATE_FILE})"
+    try:
+        files = json.loads((path / STATE_FILE).read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{path / STATE_FILE} is unreadable ({e})"
+    actual = _digests(path)
+    if ".metadata" not in files:
+        return f"{path} has no DCP .metadata"
+    for name, want in files.items():
+        if actual.get(name) != want:
+            return f"{path / name} is missing or corrupted (size/SHA-256 differ from {STATE_FILE})"
+    return None
+
+
+def load_sharded(path, model, optimizer=None) -> dict:
+    """Load a ``save_sharded`` checkpoint into ``model`` (+ ``optimizer``) in place; collective.
+
+    Returns the JSON ``state`` saved with it. Raises ``CheckpointError`` if it is incomplete or corrupted.
+    """
+    path = Path(path)
+    problem = [_verify(path) if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)  # rank 0's own JSON-derived string, not file data
+    if problem[0]:
+        raise CheckpointError(problem[0])
+    opts = StateDictOptions(ignore_frozen_params=False)
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        to_load = {"model": msd, "optim": osd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        to_load = {"model": get_model_state_dict(model, options=opts)}
+    try:
+        dcp.load(to_load, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    except (pickle.UnpicklingError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {str(e).splitlines()[0]}") from e
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=opts)
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, to_load["model"], options=opts)
+    return json.loads((path / STATE_FILE).read_text())["state"]

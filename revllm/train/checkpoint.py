@@ -1,0 +1,223 @@
+"""Checkpoints: safetensors weights + JSON state, written atomically, verified on load.
+
+Layout of ``RUN/checkpoints/step_XXXXXXXX/``::
+
+    model/                       save_pretrained (safetensors) + the tokenizer: a plain HF model dir
+    trainer_state.safetensors    optimizer tensors ("optim.<param index>.<name>"), RNG states as uint8
+    trainer_state.json           step, tokens, scheduler, optimizer param groups, sampler state, config
+    manifest.json                sha256 of every other file -- written LAST
+
+The directory is built under a temporary name and ``os.replace``-d into place, so a crash or a full
+disk never leaves a half-written ``step_*``; a directory without a valid manifest is refused
+(``CheckpointError``) and ``latest_good`` skips it with a warning. Nothing is ever unpickled.
+
+``load_model(path)`` / ``load_tokenizer(path)`` accept a run dir (its latest good checkpoint), a
+checkpoint dir, or any HF model dir; generate/eval/bench use them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, RevLLMError
+
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path):
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> None:
+    entries = {str(p.relative_to(root)): _sha256(p) for p in _files(root)}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
+
+
+def verify(ckpt: Path) -> Path:
+    """Raise CheckpointError unless every file listed in the manifest is present and intact."""
+    ckpt = Path(ckpt)
+    man = ckpt / MANIFEST
+    if not man.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it")
+    try:
+        entries = json.loads(man.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupted ({e})") from None
+    for rel, digest in entries.items():
+        p = ckpt / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {rel} is missing; refusing it")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"checkpoint {ckpt} is corrupted: {rel} does not match its sha256; refusing it")
+    return ckpt
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    d = Path(run) / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
+
+
+def latest_good(run: Path) -> Path | None:
+    """Newest checkpoint that verifies; bad ones are skipped with a warning (never deleted)."""
+    for ckpt in reversed(list_checkpoints(run)):
+        try:
+            return verify(ckpt)
+        except CheckpointError as e:
+            warnings.warn(f"skipping bad checkpoint: {e}")
+    return None
+
+
+# -- saving -------------------------------------------------------------------------------------
+def _optimizer_to_flat(opt_state: dict) -> tuple[dict, list]:
+    tensors = {}
+    for idx, st in opt_state["state"].items():
+        for name, v in st.items():
+            if not torch.is_tensor(v):
+                v = torch.tensor(v)
+            tensors[f"optim.{idx}.{name}"] = v.detach().cpu().contiguous()
+    return tensors, opt_state["param_groups"]
+
+
+def _optimizer_from_flat(tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, rng: dict,
+                    keep_last: int = 0) -> Path:
+    """Write ``RUN/checkpoints/step_<step>`` atomically; keep the newest ``keep_last`` (0 = all)."""
+    root = Path(run) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the training bar is the one progress display
+        model.save_pretrained(tmp / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
+        tensors, groups = _optimizer_to_flat(optimizer.state_dict())
+        for name, t in rng.items():
+            tensors[f"rng.{name}"] = t.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / "trainer_state.safetensors"))
+        meta = dict(state, step=step, scheduler=scheduler.state_dict(), param_groups=groups)
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        write_manifest(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside, never delete it first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not save checkpoint step {step} ({e.strerror or e}); earlier checkpoints are untouched"
+        ) from None
+    if keep_last > 0:
+        for old in list_checkpoints(run)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if torch.is_tensor(o):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def load_trainer_state(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(trainer_state.json dict, optimizer state_dict, rng tensors) of a verified checkpoint."""
+    ckpt = verify(ckpt)
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    opt = _optimizer_from_flat(tensors, meta.pop("param_groups"))
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return meta, opt, rng
+
+
+# -- loading models for generate / eval / bench --------------------------------------------------
+def resolve_model_dir(path) -> Path:
+    """Run dir -> latest good checkpoint's model/; checkpoint dir -> verified model/; HF dir -> itself."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if (p / "checkpoints").is_dir():
+        ckpt = latest_good(p)
+        if ckpt is None:
+            raise CheckpointError(f"run {p} has no good checkpoint")
+        return ckpt / "model"
+    if (p / MANIFEST).is_file() or p.name.startswith(PREFIX):
+        return verify(p) / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise RevLLMError(f"{p} is not a run directory, a checkpoint or a Hugging Face model directory (no config.json)")
+
+
+def load_model(path, dtype=torch.float32):
+    """AutoModelForCausalLM from a run/checkpoint/HF dir, offline, safetensors only, no remote code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import revllm  # noqa: F401  (registers RevLLMConfig with the Auto classes)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    d = resolve_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                    trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot load model from {d}: {msg}") from None
+
+
+def load_tokenizer(path):
+    """Tokenizer from a run/checkpoint/HF/tokenizer dir, or ``smollm2`` for the embedded default."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if str(path) == "smollm2":
+        from ..assets import smollm2_tokenizer_dir
+
+        d = smollm2_tokenizer_dir()
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"tokenizer {p} does not exist")
+        d = p if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file() else resolve_model_dir(p)
+    try:
+        return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise RevLLMError(f"cannot load a tokenizer from {d}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,343 @@
+"""The training loop, readable top to bottom.
+
+Reusable entry point::
+
+    train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> summary dict
+
+* ``cfg``: a ``TrainConfig`` (see config.py). ``cfg.data`` is a token dir from ``revllm data``.
+* ``model``: a ready ``PreTrainedModel`` to train; default: a new ``RevLLMForCausalLM`` from ``cfg``, or the
+  model in ``cfg.init_from``, or the checkpoint's on ``cfg.resume``.
+* ``loss_fn(model, batch) -> (loss, metrics)``: ``batch`` is ``{"input_ids": LongTensor (B, T)}`` on the
+  device; ``metrics`` a dict of floats logged next to the loss. Default: causal-LM cross-entropy
+  (``causal_lm_loss``). Distillation passes a closure over ``teacher``.
+* ``teacher``: an optional frozen module; the loop only places it on the device in eval mode with
+  ``requires_grad_(False)`` (the loss_fn uses it).
+* ``explicit``: the config keys the user set explicitly; on ``--resume`` only those in
+  ``RESUME_MUTABLE`` may differ from the checkpoint's config.
+
+Device placement, mixed precision (bf16 autocast on a bf16-capable GPU, fp32 on CPU) and gradient-sync
+control go through ``accelerate.Accelerator``, so ``accelerate launch`` / ``torchrun`` need no rewrite.
+Several processes: ``cfg.parallel`` = ``ddp`` (accelerate's DDP wrapper) or ``fsdp2`` (revllm.parallel
+shards each layer; accelerate only places the optimizer). ``batch_size`` is per process: every rank draws
+the same global batch from the shared sampler and takes its own rows, so rank 0's sampler state is the
+run's. Checkpoints keep the single-process format (FSDP2 gathers full state), resumable at any world size.
+Everything that decides the next step (weights, AdamW state, scheduler, the sampler's numpy RNG, torch's
+RNG) is in each checkpoint, so on CPU a resumed run is bit-identical to an uninterrupted one.
+Outputs: RUN/config.yaml, RUN/metrics.csv, RUN/tb/ (TensorBoard), RUN/checkpoints/, RUN/summary.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import resource
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..data.tokens import TokenData, WindowSampler, val_batches
+from ..errors import RevLLMError
+from . import checkpoint as ckpt_io
+from .config import RESUME_MUTABLE, build_config
+from .optim import build_optimizer, build_scheduler
+from ..parallel import gradient_sync
+
+CSV_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", "mem_mb", "elapsed_s"]
+
+
+def causal_lm_loss(model, batch):
+    ids = batch["input_ids"]
+    return model(input_ids=ids, labels=ids).loss, {}
+
+
+def memory_mb(device) -> float:
+    """CUDA: max allocated; CPU: the process's peak RSS (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class SavedTensorMeter:
+    """Bytes that autograd saves for backward during a forward (parameters excluded), de-duplicated by
+    storage. The memory-free engine saves only what its Function keeps; the stored path saves every layer."""
+
+    def __init__(self, model):
+        # FSDP2 parameters are DTensors: their local shard owns the storage. (The root's gathered copy
+        # that FSDP2 keeps through the forward is counted as saved, as it is held for the backward.)
+        self.params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.params and s.data_ptr() not in self.seen:
+            self.seen.add(s.data_ptr())
+            self.bytes += s.nbytes()
+        return t
+
+    def __call__(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def _resolve_resume(cfg, explicit):
+    ckpt = ckpt_io.latest_good(cfg.out)
+    if ckpt is None:
+        raise RevLLMError(f"--resume: no good checkpoint in {cfg.out}/checkpoints")
+    meta, opt_state, rng = ckpt_io.load_trainer_state(ckpt)
+    stored = meta["config"]
+    for k in explicit or ():
+        if k not in RESUME_MUTABLE and getattr(cfg, k) != stored.get(k):
+            raise RevLLMError(f"--resume: {k} cannot change ({stored.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} given)")
+    keep = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k in (explicit or ()) or k in ("out", "resume", "progress")}
+    keep.setdefault("data", stored.get("data"))
+    return build_config(base=stored, overrides=keep).validate(), ckpt, meta, opt_state, rng
+
+
+def _new_model(cfg, data, seed):
+    import revllm
+
+    torch.manual_seed(seed)
+    sep = data.meta["tokenizer"].get("separator_id")
+    return revllm.RevLLMForCausalLM(revllm.RevLLMConfig(**cfg.model_kwargs(data.vocab_size, sep)))
+
+
+def _tokenizer_sha(tokenizer):
+    if tokenizer is None:
+        return None
+    from ..data.prepare import tokenizer_identity
+
+    return tokenizer_identity(tokenizer, "model")["sha256"]
+
+
+def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = cfg.validate()
+    resume = None
+    if cfg.resume:
+        cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
+        resume = (ckpt, meta, opt_state, rng)
+    run = Path(cfg.out)
+    if not resume and ckpt_io.list_checkpoints(run):
+        raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    data = TokenData(cfg.data)
+    if resume:
+        was = resume[1].get("data_tokenizer", {})
+        if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
+            raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
+                              f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
+    tokenizer = ckpt_io.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
+
+    # -- the model -------------------------------------------------------------------------------
+    if model is None and resume:
+        model = ckpt_io.load_model(resume[0])
+    elif model is None and cfg.init_from:
+        model = ckpt_io.load_model(cfg.init_from)
+        src_dir = ckpt_io.resolve_model_dir(cfg.init_from)
+        if (src_dir / "tokenizer.json").is_file():
+            data.check(cfg.seq_len, model.config.vocab_size, _tokenizer_sha(ckpt_io.load_tokenizer(src_dir)))
+    elif model is None:
+        model = _new_model(cfg, data, cfg.seed)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise RevLLMError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    data.check(cfg.seq_len, model.config.vocab_size)
+    if cfg.activation_checkpointing:
+        if getattr(model.config, "memory_free", False):
+            raise RevLLMError("activation_checkpointing applies to the stored path; memory_free stores no activations")
+        model.activation_checkpointing_enable()
+    loss_fn = loss_fn or causal_lm_loss
+
+    # -- accelerator, optimizer, schedule ----------------------------------------------------------
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and not cuda:
+        raise RevLLMError(f"precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda)
+    world, rank = acc.num_processes, acc.process_index
+    fsdp2 = cfg.parallel == "fsdp2" and world > 1
+    if cfg.parallel == "fsdp2" and not fsdp2:
+        warnings.warn("parallel=fsdp2 is ignored in a single process (launch with torchrun --nproc-per-node N)")
+    if fsdp2:
+        from ..parallel import parallelize
+        from ..parallel.full_state import full_model_copy, full_optimizer_state, load_full_optimizer_state
+
+        # Shard before building the optimizer (it must hold the sharded parameters); prepare(model) is
+        # skipped because accelerate would wrap the sharded model in DDP as well.
+        model = parallelize(model.to(acc.device), "fsdp2")
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        optimizer = acc.prepare(optimizer)
+    else:
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        model, optimizer = acc.prepare(model, optimizer)
+    if teacher is not None:
+        teacher.to(acc.device).eval().requires_grad_(False)
+    sampler = WindowSampler(data.train, cfg.batch_size * world, cfg.seq_len, cfg.seed)  # global batch
+    step, tokens, train_time, timed_tokens = 0, 0, 0.0, 0
+    if resume:
+        ckpt, meta, opt_state, rng = resume
+        if fsdp2:
+            load_full_optimizer_state(model, optimizer.optimizer, opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(meta["scheduler"])
+        sampler.load_state(meta["sampler"])
+        torch.set_rng_state(rng["torch"])
+        if cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        step, tokens = meta["step"], meta["tokens"]
+        train_time, timed_tokens = meta.get("train_time", 0.0), meta.get("timed_tokens", 0)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    # -- logs ---------------------------------------------------------------------------------------
+    main = acc.is_main_process
+    run.mkdir(parents=True, exist_ok=True)
+    csv_path = run / "metrics.csv"
+    if main:
+        import yaml
+
+        tmp = run / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, run / "config.yaml")
+        rows = []
+        if resume and csv_path.is_file():  # rows written after the checkpoint belong to the lost future
+            with open(csv_path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run / "tb"), purge_step=step if resume else None)
+    n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    meter, act_bytes = SavedTensorMeter(model), None
+
+    def evaluate():
+        model.eval()
+        losses = []
+        with torch.no_grad(), acc.autocast():
+            for x in val_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_iters):
+                x = x.to(acc.device)
+                losses.append(loss_fn(model, {"input_ids": x})[0].float().item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    def save():
+        st = {"tokens": tokens, "train_time": train_time, "timed_tokens": timed_tokens, "sampler": sampler.state(), "config": cfg.to_dict(),
+              "data_tokenizer": data.meta["tokenizer"]}
+        rngs = {"torch": torch.get_rng_state()}
+        if cuda:
+            rngs["cuda"] = torch.cuda.get_rng_state()
+        to_save, opt = acc.unwrap_model(model), optimizer
+        if fsdp2:  # collective gathers, on every rank
+            to_save, opt_sd = full_model_copy(model), full_optimizer_state(model, optimizer.optimizer)
+            opt = types.SimpleNamespace(state_dict=lambda: opt_sd)
+        if main:
+            ckpt_io.save_checkpoint(run, step, to_save, tokenizer, opt, scheduler, st, rngs, cfg.keep_last)
+        acc.wait_for_everyone()
+
+    def log(row):
+        if not main:
+            return
+        with open(csv_path, "a", newline="") as f:
+            csv.DictWriter(f, CSV_FIELDS).writerow(row)
+        for k in ("train_loss", "val_loss", "lr", "tokens_per_s", "mem_mb"):
+            if row.get(k) not in (None, ""):
+                tb.add_scalar(k, row[k], row["step"])
+
+    # -- the loop -------------------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=min(cfg.max_steps, cfg.stop_after or cfg.max_steps), initial=step, desc=f"train {cfg.dynamics}", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    t_start, win_tokens, win_time, val_loss, extra = time.perf_counter(), 0, 0.0, None, {}
+    first_step_time, stopped = None, None
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(cfg.grad_accum):
+            batch = {"input_ids": sampler.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(acc.device)}
+            sync = gradient_sync(model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
+            measure = meter() if act_bytes is None else contextlib.nullcontext()
+            with sync:
+                with measure:
+                    loss, extra = loss_fn(model, batch)
+                acc.backward(loss / cfg.grad_accum)
+            if act_bytes is None:
+                act_bytes = meter.bytes
+            loss_sum += loss.detach().float()
+        if world > 1:
+            loss_sum = acc.reduce(loss_sum, "mean")  # log the global batch's loss, not rank 0's rows
+        train_loss = (loss_sum / cfg.grad_accum).item()
+        if not math.isfinite(train_loss):
+            good = ckpt_io.latest_good(run)
+            raise RevLLMError(f"loss is {train_loss} at step {step + 1}: training stopped, nothing saved; "
+                              f"last good checkpoint: {good or 'none'}")
+        if cfg.clip > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * acc.num_processes
+        tokens += n_tok
+        dt = time.perf_counter() - t0
+        if first_step_time is None:
+            first_step_time = dt  # includes one-time costs; left out of the throughput
+        else:
+            train_time, timed_tokens = train_time + dt, timed_tokens + n_tok
+            win_tokens, win_time = win_tokens + n_tok, win_time + dt
+        mem = memory_mb(acc.device)
+        tps = win_tokens / win_time if win_time else 0.0
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB")
+        val_loss = evaluate() if step % cfg.eval_interval == 0 or step == cfg.max_steps else None
+        if step % cfg.log_interval == 0 or val_loss is not None or step == cfg.max_steps:
+            row = {"step": step, "tokens": tokens, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
+                   "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": round(tps, 1),
+                   "mem_mb": round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+            row.update({k: v for k, v in extra.items() if k in CSV_FIELDS})
+            log(row)
+            win_tokens, win_time = 0, 0.0
+        if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
+            stopped = f"max_time={cfg.max_time}s reached at step {step}"
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            stopped = f"stop_after={cfg.stop_after}"
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
+            save()
+        if stopped:
+            break
+    bar.close()
+    if val_loss is None:
+        val_loss = evaluate()
+    summary = {"run": str(run), "steps": step, "tokens": tokens, "val_loss": val_loss,
+               "val_ppl": math.exp(min(val_loss, 50)), "tokens_per_s": timed_tokens / train_time if train_time else 0.0,
+               "activation_mb": (act_bytes or 0) / 2**20, "peak_mb": memory_mb(acc.device),
+               "peak_kind": "cuda_max_allocated" if cuda else "cpu_max_rss", "params": n_params,
+               "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
+                                                                                           "memory_free", False)),
+               "precision": precision, "device": str(acc.device), "stopped_early": stopped,
+               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict()}
+    if main:
+        tb.close()
+        tmp = run / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run / "summary.json")
+    return summary
+

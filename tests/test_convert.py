@@ -1,0 +1,248 @@
+"""Conversion of tiny random GPT-2 / Llama / Qwen2 HF models: weights, logits, gradients, save/load."""
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import revllm
+from revllm.convert import convert, save_converted
+from revllm.errors import RevLLMError
+
+from hf_tiny import FAMILIES, tiny_hf
+
+RETROFIT = ["midpoint", "leapfrog", "hamiltonian"]
+
+
+def _ids(B=2, T=20, seed=1):
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_weight_lands(family):
+    src = tiny_hf(family)
+    rev = convert(src, dynamics="midpoint", dtype=torch.float64)
+    ref = src.state_dict()
+    prefix = "transformer." if family == "gpt2" else "model."
+    rsd = rev.state_dict()
+    for key, t in ref.items():
+        rkey = "model." + key[len(prefix):] if key.startswith(prefix) else key
+        assert rkey in rsd, rkey
+        assert torch.equal(rsd[rkey], t), rkey
+    extra = set(rsd) - {("model." + k[len(prefix):]) if k.startswith(prefix) else k for k in ref}
+    assert extra <= {"lm_head.weight"}  # tied head
+    if family == "qwen2":
+        assert rev.config.qkv_bias and rev.model.layers[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_euler_reproduces_original_logits(family):
+    src = tiny_hf(family)
+    ids = _ids()
+    rev = convert(src, dynamics="euler", dtype=torch.float64)
+    with torch.no_grad():
+        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-10
+    src32, rev32 = src.float(), convert(src.float(), dynamics="euler")
+    with torch.no_grad():
+        assert (rev32(ids).logits - src32(ids).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_untied_head_is_copied(family):
+    src = tiny_hf(family, tie=False)
+    rev = convert(src, dynamics="euler", dtype=torch.float64)
+    assert not rev.config.tie_word_embeddings
+    assert torch.equal(rev.lm_head.weight, src.lm_head.weight)
+    assert rev.lm_head.weight.data_ptr() != rev.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dynamics", RETROFIT)
+def test_retrofit_memory_free_grads_match_stored(family, dynamics):
+    src = tiny_hf(family)
+    ids = _ids()
+    grads = {}
+    for mf in (True, False):
+        rev = convert(src, dynamics=dynamics, dtype=torch.float64, memory_free=mf).train()
+        rev(ids, labels=ids).loss.backward()
+        grads[mf] = {n: p.grad.clone() for n, p in rev.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_fixed_point_start_makes_midpoint_first_layer_residual():
+    # midpoint with h=1 and p_{-1} = p_0 - f_0(p_0): p_1 = p_{-1} + 2 f_0(p_0) = p_0 + f_0(p_0).
+    src = tiny_hf("llama", layers=1)
+    ids = _ids()
+    rev = convert(src, dynamics="midpoint", dtype=torch.float64)
+    with torch.no_grad():
+        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_near_euler_k8_within_one_percent_of_original_loss(family):
+    src = tiny_hf(family, layers=4)
+    ids = _ids(B=4, T=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rev = convert(src, dynamics="midpoint_a", k=8, dtype=torch.float64)
+    assert rev.config.midpoint_a == 2.0**-8
+    with torch.no_grad():
+        l0, l1 = src(ids, labels=ids).loss.item(), rev(ids, labels=ids).loss.item()
+    assert abs(l1 - l0) / l0 < 0.01
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_roundtrip(tmp_path, family):
+    src = tiny_hf(family)
+    rev = convert(src, dynamics="leapfrog", dtype=torch.float64)
+    out = save_converted(rev, tmp_path / "conv")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
+    assert isinstance(back, revllm.RevLLMForCausalLM)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, rev(ids).logits)
+    assert back.generation_config.eos_token_id == src.generation_config.eos_token_id
+    with pytest.raises(RevLLMError, match="not empty"):
+        save_converted(rev, out)
+
+
+def test_hf_directory_source_and_tokenizer_copied(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    src = tiny_hf("llama", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(tmp_path / "hf")
+    from revllm.cli import main as cli_main
+
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--dynamics", "euler"]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        ids = _ids()
+        assert (back(ids).logits - src(ids).logits).abs().max() < 1e-5
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    import transformers as t
+
+    bert = t.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    with pytest.raises(RevLLMError, match="supported: GPT2LMHeadModel.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+        convert(t.BertForMaskedLM(bert))
+    bert.save_pretrained(tmp_path)
+    with pytest.raises(RevLLMError, match="unsupported architecture 'bert'"):
+        convert(tmp_path)
+
+
+def test_cli_bad_source_is_one_line_error(tmp_path, capsys):
+    from revllm.cli import main
+
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither a model directory nor a .gguf file" in err
+
+
+# -- distillation ------------------------------------------------------------------------------------
+def test_distill_loss_matches_manual_kl_and_vanishes_for_identical_student():
+    import torch.nn.functional as F
+
+    from revllm.convert.distill import DistillLoss
+
+    src = tiny_hf("llama")
+    ids = _ids(B=2, T=12)
+    same = convert(src, dynamics="euler", dtype=torch.float64)
+    loss, met = DistillLoss(src, temperature=2.0)(same, {"input_ids": ids})
+    assert abs(loss.item()) < 1e-6 and abs(met["kl"]) < 1e-6
+    student = convert(src, dynamics="midpoint", dtype=torch.float64).train()
+    loss, met = DistillLoss(src, temperature=2.0, ce_weight=0.5, hidden_weight=0.1, chunk_tokens=7)(student, {"input_ids": ids})
+    with torch.no_grad():
+        lq = F.log_softmax(student(ids).logits / 2, -1)
+        lp = F.log_softmax(src(ids).logits / 2, -1)
+        kl = 4 * (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        ce = F.cross_entropy(student(ids).logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1)).item()
+    assert abs(met["kl"] - kl) < 1e-4 * max(1, kl) and abs(met["ce"] - ce) < 1e-4
+    assert met["hidden_mse"] > 0
+    loss.backward()  # memory-free student: gradients reach the blocks, the teacher stays frozen
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in src.parameters())
+
+
+def test_near_euler_default_is_exact_and_memory_free_grads_are_bitwise():
+    src = tiny_hf("llama", layers=4, dtype=torch.float32)
+    ids = _ids(B=2, T=16)
+    grads = {}
+    for mf in (True, False):
+        rev = convert(src, memory_free=mf).train()  # default: midpoint_a, k=4
+        assert rev.config.dynamics == "midpoint_a" and rev.config.exact_reversal and rev.config.midpoint_a == 1 / 16
+        rev(ids, labels=ids).loss.backward()
+        grads[mf] = {n: p.grad for n, p in rev.named_parameters() if p.grad is not None}
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+
+
+def test_anneal_a_schedule_and_exactness_after_annealing():
+    from revllm.convert.distill import AnnealA
+
+    sched = AnnealA(4, 0, steps=8)
+    assert [sched.k_at(s) for s in (0, 2, 4, 6, 8, 20)] == [4, 3, 2, 1, 0, 0]
+    src = tiny_hf("gpt2", dtype=torch.float32)
+    rev = convert(src, k=4).train()
+    assert sched(rev, 4) == 2 and rev.dynamics.a.tolist() == [0.25] * 3 and rev.config.midpoint_a == 0.25
+    ids = _ids(B=2, T=10)
+    rev(ids, labels=ids).loss.backward()
+    g = {n: p.grad.clone() for n, p in rev.named_parameters() if p.grad is not None}
+    rev.zero_grad()
+    rev.config.memory_free = False
+    rev(ids, labels=ids).loss.backward()
+    assert all(torch.equal(g[n], p.grad) for n, p in rev.named_parameters() if p.grad is not None)
+
+
+def _token_dir(path, n_train=3000, n_val=600, vocab=97):
+    import json
+
+    import numpy as np
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, vocab, n_train).astype(np.uint16).tofile(path / "train.bin")
+    rng.integers(0, vocab, n_val).astype(np.uint16).tofile(path / "val.bin")
+    (path / "meta.json").write_text(json.dumps({"dtype": "uint16", "tokenizer": {"vocab_size": vocab, "name": "test"},
+                                               "train_tokens": n_train, "val_tokens": n_val}))
+    return path
+
+
+def test_cli_finetune_distills_on_the_training_loop_and_resumes(tmp_path):
+    from revllm.cli import main as cli_main
+
+    src = tiny_hf("llama", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    data = _token_dir(tmp_path / "tok")
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
+              "--eval-interval", "2", "--checkpoint-interval", "2", "--warmup", "0"]
+    assert cli_main(["finetune", str(tmp_path / "hf"), "--steps", "2", "--dynamics", "midpoint", *common]) == 0
+    assert (run / "metrics.csv").is_file() and (run / "checkpoints").is_dir()
+    first = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert first.config.dynamics == "midpoint"
+    assert cli_main(["finetune", str(tmp_path / "hf"), "--steps", "4", "--resume", "--dynamics", "midpoint", *common]) == 0
+    import json
+
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_cli_finetune_lora_sft_and_anneal(tmp_path):
+    from revllm.cli import main as cli_main
+
+    rev = convert(tiny_hf("gpt2", dtype=torch.float32), k=3)
+    save_converted(rev, tmp_path / "conv")
+    data = _token_dir(tmp_path / "tok")
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--lora", "4", "--anneal-a", "1", "--steps", "4",
+                     "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "2", "--seq-len", "16",
+                     "--eval-interval", "4", "--checkpoint-interval", "4", "--warmup", "0"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert back.config.midpoint_a == 0.5  # k annealed 3 -> 1
+    assert not any("lora" in k for k in back.state_dict())  # adapters merged
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--data", str(data), "--out", str(tmp_path / "r2")]) == 2

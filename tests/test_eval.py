@@ -1,0 +1,108 @@
+"""revllm eval: perplexity on token dirs / text, KL, lm-eval tasks through HFLM (built-in local task)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from revllm.cli import main
+from revllm.eval import evaluate_perplexity, kl_divergence
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(95)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = tiny_model(block="llama", dynamics="midpoint", dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    return tmp_path / "m", model
+
+
+def test_perplexity_is_exp_of_token_mean_cross_entropy():
+    model = tiny_model(dtype=torch.float64).eval()
+    ids = torch.randint(0, 97, (50,))
+    r = evaluate_perplexity(model, ids, seq_len=16, batch_size=2)
+    # windows of 16, 16, 16, 2: every token after a window start is scored once
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, 50, 16):
+            w = ids[s : s + 16][None]
+            logits = model(w).logits[0, :-1]
+            total += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    assert r["tokens"] == n == 46
+    assert math.isclose(r["loss"], total / n, rel_tol=1e-12)
+    assert math.isclose(r["perplexity"], math.exp(total / n), rel_tol=1e-12)
+
+
+def test_kl_of_model_with_itself_is_zero_and_positive_otherwise():
+    a, b = tiny_model(seed=0, dtype=torch.float64).eval(), tiny_model(seed=1, dtype=torch.float64).eval()
+    ids = torch.randint(0, 97, (40,))
+    assert abs(kl_divergence(a, a, ids, seq_len=16)) < 1e-12
+    assert kl_divergence(a, b, ids, seq_len=16) > 1e-3
+
+
+def test_cli_eval_token_dir_and_text(model_dir, tmp_path, capsys):
+    path, model = model_dir
+    ids = np.random.default_rng(0).integers(0, 97, 300).astype(np.uint16)
+    data = tmp_path / "tok"
+    data.mkdir()
+    ids.tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 95}" for i in range(200)))
+    out = tmp_path / "r.json"
+    assert main(["eval", str(path), "--data", str(data), "--text", str(text), "--seq-len", "64", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    ref = evaluate_perplexity(model, torch.from_numpy(ids.astype(np.int64)), seq_len=64)
+    assert math.isclose(r["data"]["perplexity"], ref["perplexity"], rel_tol=1e-5)
+    assert r["text"]["tokens"] == 200 - 4  # 4 windows of <= 64 tokens; each first token is unscored
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_eval_bad_inputs_are_one_line_errors(model_dir, tmp_path, capsys):
+    path, _ = model_dir
+    assert main(["eval", str(path)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--text", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    assert main(["eval", str(path), "--data", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: progress bars
+    assert err.startswith("revllm eval: error:") and "meta.json" in err
+
+
+@pytest.mark.slow  # indexes lm-eval's whole task registry (~1 min on 2 busy cores)
+def test_unknown_task_is_one_line_error(model_dir, capsys):
+    path, _ = model_dir
+    assert main(["eval", str(path), "--tasks", "no_such_task"]) == 2
+    assert "unknown task(s) no_such_task; built-in: revllm_commonsense" in capsys.readouterr().err
+
+
+def test_builtin_task_runs_through_lm_eval(model_dir, tmp_path):
+    path, _ = model_dir
+    out = tmp_path / "r.json"
+    assert main(["eval", str(path), "--tasks", "revllm_commonsense", "--limit", "6", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["tasks"]["revllm_commonsense"]
+    assert 0.0 <= res["acc,none"] <= 1.0
+
+
+def test_builtin_task_file_is_well_formed():
+    from revllm.eval.harness import TASKS_DIR
+
+    rows = [json.loads(line) for line in (TASKS_DIR / "revllm_commonsense.jsonl").read_text().splitlines()]
+    assert len(rows) >= 30
+    assert all(0 <= r["label"] < len(r["choices"]) == 3 for r in rows)
+    assert len({r["label"] for r in rows}) == 3  # gold position varies

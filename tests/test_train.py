@@ -1,0 +1,197 @@
+"""The training loop: checkpoints (atomic, verified, exact resume), bad states, config handling."""
+import shutil
+
+import pytest
+import torch
+from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir, train_tokenizer  # noqa: F401
+
+from revllm.errors import CheckpointError, RevLLMError
+from revllm.train import build_config, causal_lm_loss, load_model, train
+from revllm.train import checkpoint as ckpt_io
+
+
+def _weights(path):
+    return load_model(path).state_dict()
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_writes_run(tmp_path, token_dir):
+    s = train(tiny_train_config(token_dir, tmp_path / "run", keep_last=1))
+    run = tmp_path / "run"
+    assert s["steps"] == 6 and s["val_loss"] < 6.0 and s["memory_free"]
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000006"]  # keep_last=1
+    assert (run / "metrics.csv").read_text().count("\n") == 7 and (run / "tb").is_dir()
+    for k in ("tokens_per_s", "activation_mb", "peak_mb", "params"):
+        assert s[k] > 0
+    # the checkpoint's model dir is a plain HF dir with the tokenizer
+    assert (run / "checkpoints/step_00000006/model/tokenizer.json").is_file()
+    assert load_model(run).config.dynamics == "midpoint"
+
+
+def test_memory_free_saves_less_than_stored(tmp_path, token_dir):
+    rev = train(tiny_train_config(token_dir, tmp_path / "rev", layers=4, max_steps=1, eval_iters=1))
+    std = train(tiny_train_config(token_dir, tmp_path / "std", layers=4, max_steps=1, eval_iters=1, dynamics="euler"))
+    assert not std["memory_free"]
+    assert rev["activation_mb"] * 3 < std["activation_mb"]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_bit_identical(tmp_path, token_dir, dropout):
+    """Train 6 steps straight vs 3 steps + resume: identical weights (CPU; dropout replays the RNG)."""
+    full = tmp_path / "full"
+    train(tiny_train_config(token_dir, full, dropout=dropout))
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints/step_00000003", part / "checkpoints/step_00000003")
+    s = train(tiny_train_config(token_dir, part, resume=True), explicit={"resume", "out"})
+    assert s["steps"] == 6
+    _assert_same(_weights(part), _weights(full))
+    # the CSV keeps one row per step: rows after the checkpoint were dropped before resuming
+    steps = [ln.split(",")[0] for ln in (full / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, 7)]
+
+
+def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir):
+    run = tmp_path / "run"
+    train(tiny_train_config(token_dir, run))
+    good, bad = ckpt_io.list_checkpoints(run)
+    st = bad / "model" / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-10] ^= 0xFF
+    st.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        ckpt_io.verify(bad)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_model(bad)
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        assert ckpt_io.latest_good(run) == good
+    with open(good / "trainer_state.safetensors", "r+b") as f:  # truncated
+        f.truncate(100)
+    with pytest.warns(UserWarning), pytest.raises(RevLLMError, match="no good checkpoint"):
+        train(tiny_train_config(token_dir, run, resume=True), explicit={"resume"})
+    (tmp_path / "empty" / "checkpoints" / "step_00000001").mkdir(parents=True)  # no manifest: incomplete
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt_io.verify(tmp_path / "empty" / "checkpoints" / "step_00000001")
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, token_dir):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += model.training  # evaluation calls it too
+        loss, m = causal_lm_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 5 and model.training else loss), m
+
+    run = tmp_path / "run"
+    with pytest.raises(RevLLMError, match=r"loss is nan at step 5.*step_00000003"):
+        train(tiny_train_config(token_dir, run), loss_fn=loss_fn)
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000003"]
+    ckpt_io.verify(ckpt_io.list_checkpoints(run)[0])
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, token_dir, monkeypatch):
+    import errno
+
+    real = ckpt_io.save_file
+    calls = {"n": 0}
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt_io, "save_file", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
+        train(tiny_train_config(token_dir, run, keep_last=1))
+    ckpts = ckpt_io.list_checkpoints(run)
+    assert [p.name for p in ckpts] == ["step_00000003"]
+    ckpt_io.verify(ckpts[0])
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_config_yaml_flags_and_errors(tmp_path, token_dir):
+    y = tmp_path / "c.yaml"
+    y.write_text("layers: 3\nseq-len: 16\nlr: 0.01\n")
+    cfg = build_config(y, {"lr": 0.02, "layers": None})
+    assert (cfg.layers, cfg.seq_len, cfg.lr) == (3, 16, 0.02)
+    y.write_text("layerz: 3\n")
+    with pytest.raises(RevLLMError, match="unknown key 'layerz'"):
+        build_config(y)
+    y.write_text("[1, 2\n")
+    with pytest.raises(RevLLMError, match="not valid YAML"):
+        build_config(y)
+    bad = [dict(dynamics="rk4"), dict(hidden=30), dict(seq_len=64, max_positions=32), dict(seq_len=10_000),
+           dict(batch_size=0), dict(precision="bf16")]
+    msgs = ["dynamics='rk4' is unknown", "must divide hidden_size=30", "exceeds max_positions", "val.bin has",
+            "batch_size=0", "needs a GPU"]
+    for kw, msg in zip(bad, msgs):
+        with pytest.raises((RevLLMError, ValueError), match=msg):
+            train(tiny_train_config(token_dir, tmp_path / "r", **kw))
+
+
+def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
+    run = tmp_path / "run"
+    train(tiny_train_config(token_dir, run, max_steps=1))
+    s = train(tiny_train_config(token_dir, tmp_path / "ft", init_from=str(run), max_steps=2))  # same tokenizer: fine
+    assert s["steps"] == 2
+    other = tmp_path / "other_model"
+    shutil.copytree(ckpt_io.resolve_model_dir(run), other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
+    for f in (tmp_path / "tok2").iterdir():
+        shutil.copy(f, other / f.name)
+    with pytest.raises(RevLLMError, match="different tokenizer"):
+        train(tiny_train_config(token_dir, tmp_path / "ft2", init_from=str(other)))
+    import revllm
+
+    small = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                                         vocab_size=50, max_position_embeddings=64))
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(RevLLMError, match="vocabulary"):
+        train(tiny_train_config(token_dir, tmp_path / "ft3", init_from=str(tmp_path / "small")))
+
+
+def test_resume_refuses_architecture_change(tmp_path, token_dir, corpus_dir):
+    run = tmp_path / "run"
+    train(tiny_train_config(token_dir, run, max_steps=3))
+    with pytest.raises(RevLLMError, match="already holds checkpoints"):  # never overwrite a run by accident
+        train(tiny_train_config(token_dir, run, max_steps=3))
+    with pytest.raises(RevLLMError, match="layers cannot change"):
+        train(tiny_train_config(token_dir, run, resume=True, layers=5), explicit={"resume", "layers"})
+    s = train(tiny_train_config(token_dir, run, resume=True, max_steps=5), explicit={"resume", "max_steps"})
+    assert s["steps"] == 5
+    from revllm.data import prepare_tokens
+
+    tok2 = train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
+    prepare_tokens([corpus_dir], tmp_path / "data2", str(tok2), val_fraction=0.1, progress=False)
+    with pytest.raises(RevLLMError, match="made with tokenizer"):  # other token files on resume
+        train(tiny_train_config(tmp_path / "data2", run, resume=True, max_steps=6), explicit={"resume", "max_steps", "data"})
+
+
+def test_custom_loss_fn_and_teacher(tmp_path, token_dir):
+    """The interface distillation builds on: loss_fn(model, batch) -> (loss, metrics); teacher is placed."""
+    import revllm
+
+    teacher = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                                                           vocab_size=300, max_position_embeddings=64))
+    seen = []
+
+    def kd(model, batch):
+        with torch.no_grad():
+            t = teacher(input_ids=batch["input_ids"]).logits
+        s = model(input_ids=batch["input_ids"]).logits
+        loss = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+        seen.append(batch["input_ids"].shape)
+        return loss, {}
+
+    s = train(tiny_train_config(token_dir, tmp_path / "kd", max_steps=2), loss_fn=kd, teacher=teacher)
+    assert s["steps"] == 2 and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert seen[0] == (4, 32)
