@@ -6,7 +6,10 @@ single-process reference gradients on the whole batch, then the DDP / FSDP2 grad
 rank 0 writes the largest difference per case (FSDP2 shards are gathered with ``full_tensor``).
 ``train``: a short 2-process AdamW run that saves a DCP checkpoint at step 2 and keeps going; then a
 freshly built (differently initialised) model and optimizer load the checkpoint and replay the rest.
-Rank 0 writes both loss sequences and the largest parameter difference at the end.
+Rank 0 writes both loss sequences and the largest parameter difference at the end. Then
+``revllm.convert.finetune.finetune`` (the fine-tuning command's path) runs on 2 processes into
+``CKPT_DIR/ft-{ddp,fsdp2}`` (``train ... TOKEN_DIR``); the test compares with one process, same global batch.
+``deepspeed``: DeepSpeed ZeRO stages 1-3 (its own engine, ``DS_ACCELERATOR=cpu``, gloo) against one process.
 """
 import json
 import sys
@@ -97,7 +100,15 @@ def _params(model):
     return {n: _full(p.detach()).clone() for n, p in inner.named_parameters()}
 
 
-def train(rank, world, out, ckpt_root):
+FINETUNE = dict(max_steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=1, eval_interval=3, eval_iters=1,
+                checkpoint_interval=3, log_interval=1, progress=False)
+
+
+def finetune_model():
+    return tiny_model(seed=3, vocab_size=300, dynamics="hamiltonian")
+
+
+def train(rank, world, out, ckpt_root, token_dir):
     torch.manual_seed(7)
     ids = torch.randint(0, V, (5, B, T))  # 5 steps of global batch B
     results = {}
@@ -120,6 +131,37 @@ def train(rank, world, out, ckpt_root):
             "first": first, "rest": rest, "resumed": resumed, "step": state["step"],
             "param_max_abs": max((end[n] - end2[n]).abs().max().item() for n in end),
         }
+    from revllm.convert.finetune import finetune
+
+    for mode in ("ddp", "fsdp2"):  # the fine-tuning command's path: the shared loop, then rank 0 saves RUN/model
+        finetune(finetune_model(), token_dir, Path(ckpt_root) / f"ft-{mode}", parallel=mode, **FINETUNE)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+def deepspeed_grads(rank, world, out):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    torch.manual_seed(123)
+    ids = torch.randint(0, V, (B, T))
+    results = {}
+    for stage in (1, 2, 3):
+        for dyn in ("midpoint", "hamiltonian"):
+            kw = dict(block="llama", dynamics=dyn)
+            ref = _reference(kw, ids)
+            model = tiny_model(**kw)
+            cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
+                   "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}}
+            eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+            local = ids.chunk(world)[rank]
+            eng.backward(eng(local, labels=local).loss)
+            got = {n: safe_get_full_grad(p) for n, p in eng.module.named_parameters()}  # collective under ZeRO-3
+            results[f"zero{stage}-{dyn}"] = {
+                "missing": [n for n, g in got.items() if g is None],
+                "max_abs": max((got[n].float() - ref[n]).abs().max().item() for n in ref if got[n] is not None),
+            }
+            eng.destroy()
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 
@@ -127,5 +169,5 @@ def train(rank, world, out, ckpt_root):
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two ranks on a small CPU
     rank, world, _ = init_distributed("gloo")
-    {"grads": grads, "train": train}[sys.argv[1]](rank, world, *sys.argv[2:])
+    {"grads": grads, "train": train, "deepspeed": deepspeed_grads}[sys.argv[1]](rank, world, *sys.argv[2:])
     dist.destroy_process_group()

@@ -71,7 +71,7 @@ def test_spawn_runs_a_fresh_process_and_a_budgeted_probe():
     res = worker.spawn({"task": "probe", **spec, "budget_bytes": 8 * 2**30}, timeout=300)
     assert res["ok"] and res["step_seconds"] > 0 and res["peak_bytes"] < 8 * 2**30
     # A budget between the model's resident size and its step: the step must fail, not the machine.
-    res = worker.spawn({"task": "probe", **spec, "batch": 4096, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 2**20}, timeout=300)
+    res = worker.spawn({"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20}, timeout=300)
     assert not res["ok"] and res["reason"] in ("oom", "over_budget")
 
 
@@ -138,7 +138,7 @@ def test_capacity_table_with_fake_probe_and_paper_column(tmp_path):
     mid = next(r for r in res["rows"] if r["config"] == "midpoint")
     assert mid["vs_a"] == pytest.approx(100 * ((40 / 48) / (5 / 6) - 1))
     md = report.render_markdown(res)
-    assert "+20.7%" in md and "| 16 | (c) midpoint | 40 |" in md
+    assert "+20.7%" in md and "| 16 | (c) midpoint | 1,024.0 | 40 |" in md
 
 
 def test_capacity_budget_too_small_is_an_error():
@@ -189,3 +189,30 @@ def test_report_refuses_non_result_json(tmp_path):
     (tmp_path / "memory_cpu.json").write_text("{broken")
     with pytest.raises(RevLLMError, match="not valid JSON"):
         report.load(tmp_path / "memory_cpu.json")
+
+
+def test_merge_unites_parallel_runs_and_refuses_other_shapes(tmp_path):
+    a = memory.memory_table(["euler"], [2, 4], Spec(**TINY), worker=fake_worker)
+    b = memory.memory_table(["midpoint"], [2, 8], Spec(**TINY), worker=fake_worker)
+    m = report.merge([a, b])
+    assert [(r["config"], r["layers"]) for r in m["rows"]] == [("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 8)]
+    assert m["setup"]["depths"] == [2, 4, 8] and m["name"] == "memory"
+    assert "| (c) midpoint | 1.0 |  | 1.0 |" in report.render_markdown(m)
+    other = memory.memory_table(["midpoint"], [2], Spec(**{**TINY, "seq": 32}), worker=fake_worker)
+    with pytest.raises(RevLLMError, match="different seq"):
+        report.merge([a, other])
+
+
+def test_capacity_resume_reuses_finished_search_and_measures_missing_throughput():
+    calls = []
+
+    def counting(job, timeout=None):
+        calls.append(job["task"])
+        return fake_worker(job, timeout)
+
+    prev = [{"config": "midpoint", "layers": 16, "max_batch": 40, "capped": False, "probes": [], "tokens_per_s": None}]
+    res = capacity.capacity_table(["midpoint"], [16], Spec(**TINY), budget=2**30, worker=counting, resume_rows=prev)
+    assert calls == ["throughput"] and res["rows"][0]["max_batch"] == 40 and res["rows"][0]["tokens_per_s"] > 0
+    prev = [{**prev[0], "config": "euler", "max_batch": 5}, prev[0]]
+    res = capacity.capacity_table(["euler", "midpoint"], [16], Spec(**TINY), worker=counting, resume_rows=prev)
+    assert res["rows"][1]["vs_a"] == pytest.approx(100 * ((40 / 48) / (5 / 6) - 1))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir  # noqa: F401  (revllm train fixtures)
 
 from revllm.errors import CheckpointError, RevLLMError
 from revllm.parallel import load_sharded, parallelize, save_sharded
@@ -33,10 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args):
+def _torchrun(*args, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -56,10 +58,10 @@ def grads(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def training(tmp_path_factory):
+def training(tmp_path_factory, token_dir):
     d = tmp_path_factory.mktemp("dist")
-    _torchrun("train", d / "train.json", d / "ckpt")
-    return json.loads((d / "train.json").read_text())
+    _torchrun("train", d / "train.json", d / "ckpt", token_dir)
+    return json.loads((d / "train.json").read_text()) | {"dir": d}
 
 
 FP32_CASES = ["ddp-llama-midpoint", "ddp-llama-hamiltonian", "ddp-gpt2-midpoint", "ddp-llama-midpoint_a-fixed_point",
@@ -92,6 +94,31 @@ def test_two_process_training_checkpoints_and_resumes(training, mode):
     assert r["resumed"] == r["rest"]  # identical continuation from the DCP checkpoint
     assert r["param_max_abs"] == 0.0  # and identical weights at the end
     assert r["first"][0] != r["rest"][-1]  # it did train
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_finetune_under_torchrun_matches_one_process(training, token_dir, tmp_path, mode):
+    # revllm.convert.finetune.finetune on 2 processes x 2 rows vs 1 process x 4 rows (same global batch).
+    import revllm
+    from revllm.convert.finetune import finetune
+
+    from dist_worker import FINETUNE, finetune_model
+
+    ref = finetune(finetune_model(), token_dir, tmp_path / "ft", **dict(FINETUNE, batch_size=4))["model"].state_dict()
+    two = revllm.RevLLMForCausalLM.from_pretrained(training["dir"] / "ckpt" / f"ft-{mode}" / "model").state_dict()
+    assert two.keys() == ref.keys()
+    assert max((two[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_gradients_equal_single_process(tmp_path):
+    # Optional: DeepSpeed's own engine (not through accelerate, which runs DeepSpeed only on GPUs).
+    pytest.importorskip("deepspeed")
+    _torchrun("deepspeed", tmp_path / "ds.json", env={"DS_ACCELERATOR": "cpu"})
+    results = json.loads((tmp_path / "ds.json").read_text())
+    assert len(results) == 6
+    for case, r in results.items():
+        assert not r["missing"] and r["max_abs"] <= 1e-6, (case, r)
 
 
 # -- single process: checkpoint safety and argument errors --------------------------------------
@@ -133,3 +160,62 @@ def test_parallelize_rejects_bad_arguments():
         parallelize(tiny_model(), "ddp", mp_policy="bf16")
     with pytest.raises(RevLLMError, match="torchrun"):
         parallelize(tiny_model(), "fsdp2")
+
+
+# -- `revllm train` under torchrun (the issue-3 loop, unchanged launch) -------------------------
+def _revllm_train(nproc, *args):
+    cmd = [sys.executable, "-m", "revllm.cli", "train", *map(str, args)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), "-m", "revllm.cli", "train", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"revllm train ({nproc} processes) hung for more than {TIMEOUT_S} s")
+    assert proc.returncode == 0, out[-4000:]
+
+
+def _rows(run):
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        return [{k: r[k] for k in ("step", "tokens", "lr", "train_loss", "val_loss")} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, token_dir, mode):
+    from revllm.train import load_model, train
+    from pipeline_fixtures import tiny_train_config  # noqa: F811
+
+    common = ["--data", token_dir, "--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32,
+              "--max-steps", 4, "--warmup", 2, "--lr", 3e-3, "--eval-interval", 2, "--eval-iters", 2,
+              "--checkpoint-interval", 2, "--keep-last", 0, "--log-interval", 1, "--no-progress",
+              "--loss-chunk-size", 32, "--dynamics", "hamiltonian", "--batch-size", 2, "--parallel", mode]
+    run = tmp_path / "run"
+    _revllm_train(2, *common, "--out", run)
+    full = _rows(run)
+    # One process, batch 4 = the same global batch (the sampler draws it whole; each rank takes 2 rows).
+    one = train(tiny_train_config(token_dir, tmp_path / "one", dynamics="hamiltonian", batch_size=4, max_steps=4,
+                                  eval_interval=2, checkpoint_interval=2))
+    one_rows = _rows(tmp_path / "one")
+    assert [r["tokens"] for r in full] == [r["tokens"] for r in one_rows]
+    for a, b in zip(full, one_rows):
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) <= 1e-5, (a, b)
+    w2, w1 = load_model(run).state_dict(), load_model(tmp_path / "one").state_dict()
+    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) <= 1e-5
+    assert one["steps"] == 4
+    # Resume from step 2 (the step-4 checkpoint is removed): identical rows and weights.
+    final = w2
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    _revllm_train(2, *common, "--out", run, "--resume")
+    assert _rows(run) == full
+    resumed = load_model(run).state_dict()
+    assert all(torch.equal(resumed[k], final[k]) for k in final)

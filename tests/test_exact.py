@@ -203,3 +203,14 @@ def test_drift_fallback_uses_the_stored_states():
         fallback = rel(_grads(model, ids, True, True)[2])
     assert model.drift_monitor.fallbacks == 1
     assert fallback < 1e-4 < 1e-3 < plain
+
+
+def test_exact_forward_is_identical_with_and_without_grad_and_in_eval():
+    model = _model("midpoint_a", "gpt2", layers=6, midpoint_a=MIXED_A)
+    ids = torch.randint(0, 97, (2, 8))
+    loss_mf = model(ids, labels=ids).loss  # memory-free engine
+    model.config.memory_free = False
+    loss_st = model(ids, labels=ids).loss  # stored reference
+    with torch.no_grad():
+        loss_ng = model(ids, labels=ids).loss  # forward only
+    assert torch.equal(loss_mf, loss_st) and torch.equal(loss_st, loss_ng)

@@ -159,13 +159,21 @@ def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
         train(tiny_train_config(token_dir, tmp_path / "ft3", init_from=str(tmp_path / "small")))
 
 
-def test_resume_refuses_architecture_change(tmp_path, token_dir):
+def test_resume_refuses_architecture_change(tmp_path, token_dir, corpus_dir):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run, max_steps=3))
+    with pytest.raises(RevLLMError, match="already holds checkpoints"):  # never overwrite a run by accident
+        train(tiny_train_config(token_dir, run, max_steps=3))
     with pytest.raises(RevLLMError, match="layers cannot change"):
         train(tiny_train_config(token_dir, run, resume=True, layers=5), explicit={"resume", "layers"})
     s = train(tiny_train_config(token_dir, run, resume=True, max_steps=5), explicit={"resume", "max_steps"})
     assert s["steps"] == 5
+    from revllm.data import prepare_tokens
+
+    tok2 = train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
+    prepare_tokens([corpus_dir], tmp_path / "data2", str(tok2), val_fraction=0.1, progress=False)
+    with pytest.raises(RevLLMError, match="made with tokenizer"):  # other token files on resume
+        train(tiny_train_config(tmp_path / "data2", run, resume=True, max_steps=6), explicit={"resume", "max_steps", "data"})
 
 
 def test_custom_loss_fn_and_teacher(tmp_path, token_dir):

@@ -53,12 +53,29 @@ def search_max_batch(probe: Callable[[int], bool], start: int = 1, cap: int = 1 
 
 
 def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 16, tolerance=0.0,
-                   steps=3, warmup=1, command="", worker=spawn) -> dict:
+                   steps=3, warmup=1, command="", worker=spawn, on_row=None, resume_rows=()) -> dict:
+    """``on_row(partial_result)`` is called after every (depth, configuration), so partial runs are kept.
+    ``resume_rows``: rows of an interrupted run; a finished search is reused, a missing throughput is measured.
+    The throughput run is not capped by the budget: the batch was chosen under it, and allocator
+    fragmentation over several steps may lift RSS slightly above the single-step probe (its peak is recorded)."""
+    done = {(r["config"], r["layers"]): r for r in resume_rows if "max_batch" in r}
     rows = []
+    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
+             "depths": list(depths), "budget_bytes": budget, "start": start, "cap": cap, "tolerance": tolerance,
+             "steps": steps, "warmup": warmup}
     bar = tqdm(desc="capacity", unit="probe")
     for L in depths:
         for c in configs:
             job = {**base.to_dict(), "config": c, "layers": L, "budget_bytes": budget}
+            if (c, L) in done:
+                row = dict(done[(c, L)])
+                row.setdefault("budget_bytes", budget)
+                if row["max_batch"] and not row.get("tokens_per_s"):
+                    _throughput(row, job, worker, steps, warmup)
+                    bar.update()
+                rows.append(row)
+                relative(rows)
+                continue
             probes = []
 
             def probe(b):
@@ -73,21 +90,31 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                 return res.get("ok")
 
             best, _, capped = search_max_batch(probe, start=start, cap=cap, tolerance=tolerance)
-            row = {"config": c, "layers": L, "max_batch": best, "capped": capped, "probes": probes}
+            row = {"config": c, "layers": L, "budget_bytes": budget, "max_batch": best, "capped": capped,
+                   "probes": probes}
             if best:
-                res = worker({"task": "throughput", **job, "batch": best, "steps": steps, "warmup": warmup})
+                _throughput(row, job, worker, steps, warmup)
                 bar.update()
-                row.update(tokens_per_s=res.get("tokens_per_s"), throughput_ok=res.get("ok"),
-                           throughput_reason=res.get("reason"), step_times=res.get("step_times"),
-                           peak_bytes=res.get("peak_bytes"))
             rows.append(row)
+            relative(rows)
+            if on_row is not None:
+                on_row(envelope("capacity", base.device, setup, rows, command))
     bar.close()
-    for r in rows:  # throughput relative to (a) and (b) at the same depth
+    relative(rows)
+    return envelope("capacity", base.device, setup, rows, command)
+
+
+def _throughput(row, job, worker, steps, warmup):
+    res = worker({"task": "throughput", **job, "budget_bytes": None, "batch": row["max_batch"], "steps": steps,
+                  "warmup": warmup})
+    row.update(tokens_per_s=res.get("tokens_per_s"), throughput_ok=res.get("ok"), throughput_reason=res.get("reason"),
+               step_times=res.get("step_times"), peak_bytes=res.get("peak_bytes"))
+
+
+def relative(rows):
+    """Throughput relative to (a) and (b) at the same depth, in percent."""
+    for r in rows:
         for kind, key in (("a", "vs_a"), ("b", "vs_b")):
             ref = next((q for q in rows if q["layers"] == r["layers"] and config_kind(q["config"]) == kind), None)
             if ref and ref is not r and ref.get("tokens_per_s") and r.get("tokens_per_s"):
                 r[key] = 100.0 * (r["tokens_per_s"] / ref["tokens_per_s"] - 1.0)
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
-             "depths": list(depths), "budget_bytes": budget, "start": start, "cap": cap, "tolerance": tolerance,
-             "steps": steps, "warmup": warmup}
-    return envelope("capacity", base.device, setup, rows, command)

@@ -22,8 +22,12 @@ def _extrapolate(points: list[tuple[int, float]], x: int) -> float | None:
     return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
 
 
-def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, command="", worker=spawn) -> dict:
+def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, command="", worker=spawn,
+                 on_row=None) -> dict:
+    """``on_row(partial_result)`` is called after every row, so a long run can be saved as it goes."""
     rows = []
+    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers")},
+             "depths": list(depths), "budget_bytes": budget, "max_seconds": max_seconds}
     bar = tqdm(total=len(configs) * len(depths), desc="memory", unit="row")
     for c in configs:
         walls, peaks = [], []
@@ -46,12 +50,12 @@ def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, com
                     peaks.append((L, row["peak_bytes"]))
             rows.append(row)
             bar.update()
+            if on_row is not None:
+                on_row(envelope("memory", base.device, setup, rows, command))
     bar.close()
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers")},
-             "depths": list(depths), "budget_bytes": budget, "max_seconds": max_seconds}
     return envelope("memory", base.device, setup, rows, command)
 
 
-def envelope(table: str, device: str, setup: dict, rows: list, command: str) -> dict:
-    return {"table": table, "machine_tag": machine_tag(device), "machine": machine(device), "setup": setup,
+def envelope(table: str, device: str, setup: dict, rows: list, command: str, name: str | None = None) -> dict:
+    return {"table": table, "name": name or table, "machine_tag": machine_tag(device), "machine": machine(device), "setup": setup,
             "command": command, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}

@@ -30,7 +30,7 @@ def atomic_write(path: Path, data: str | bytes):
 def save(result: dict, out_dir: str | Path) -> list[Path]:
     """Write the JSON record, then its Markdown table and (memory, capacity) PNG plot."""
     out_dir = Path(out_dir)
-    stem = f"{result['table']}_{result['machine_tag']}"
+    stem = f"{result.get('name') or result['table']}_{result['machine_tag']}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     atomic_write(paths[0], json.dumps(result, indent=1) + "\n")
     atomic_write(paths[1], render_markdown(result))
@@ -54,7 +54,7 @@ def rebuild(results_dir: str | Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise RevLLMError(f"results directory {results_dir} does not exist")
-    files = sorted(p for p in results_dir.glob("*.json") if p.stem.split("_")[0] in TABLES)
+    files = sorted(results_dir.glob("*.json"))
     if not files:
         raise RevLLMError(f"no benchmark results (memory_*.json, speed_*.json, capacity_*.json) in {results_dir}")
     written = []
@@ -68,7 +68,10 @@ def _header(result: dict) -> list[str]:
     m, s = result["machine"], result["setup"]
     dev = m.get("gpu", f"CPU {m['cpu']}, {m['cores']} cores")
     shape = ", ".join(f"{k}={v}" for k, v in s.items())
-    return [f"Machine: {dev}; torch {m['torch']}; device {m['device']}. Measured {result['created']}.",
+    partial = " PARTIAL: the run was still going or was interrupted; missing rows were not measured." \
+        if result.get("partial") else ""
+    threads = f", {m['torch_threads']} torch thread(s)" if "torch_threads" in m else ""
+    return [f"Machine: {dev}{threads}; torch {m['torch']}; device {m['device']}. Measured {result['created']}.{partial}",
             f"Setup: {shape}.", f"Command: `{result['command']}`", ""]
 
 
@@ -126,28 +129,40 @@ def _md_speed(result):
             f"{result['setup']['repeats']} steps after {result['setup']['warmup']} warm-up step(s).", "",
             "| config | batch | median step (s) | tokens/s | ratio to (a) | <= 1.35x |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
+        if not r.get("ok", True):
+            out.append(f"| ({config_kind(r['config'])}) {r['config']} | {r['batch']} | {_cell(r, '', str)} | | | |")
+            continue
         ratio = r.get("ratio_to_a")
         meets = "" if ratio is None or config_kind(r["config"]) != "c" else ("yes" if ratio <= 1.35 else "no")
         out.append(f"| ({config_kind(r['config'])}) {r['config']} | {r['batch']} | {r['median_s']:.3f} | "
                    f"{r['tokens_per_s']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} | {meets} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        out += ["", "## Profile of one step (operators by self time, share of the step)", "",
+                "| config | batch | top operators |", "|---|---:|---|"]
+        for r in profiled:
+            ops = "; ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["profile"]["top"][:6])
+            out.append(f"| {r['config']} | {r['batch']} | {ops} |")
     return out
 
 
 def _md_capacity(result):
     rows, s = result["rows"], result["setup"]
     out = ["# Max batch under a memory budget, and throughput at that batch", ""] + _header(result)
-    budget = s.get("budget_bytes")
-    out += [f"Budget: {'the card' if budget is None else _mib(budget) + ' MiB'}; seq {s['seq']}, {s['dtype']}. "
-            "Doubling then bisection, each probe a full forward + backward + AdamW step in a fresh process.", "",
-            "| layers | config | max batch | tokens/s | vs (a) | vs (b) | paper rev. vs baseline |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+    out += [f"Sequence length {s['seq']}, {s['dtype']}. Budget per row (none = the card). Doubling then bisection "
+            f"(tolerance {s.get('tolerance', 0)}), each probe a full forward + backward + AdamW step in a fresh process; "
+            f"tokens/s over {s.get('steps')} timed steps at the max batch.", "",
+            "| layers | config | budget (MiB) | max batch | tokens/s | vs (a) | vs (b) | paper rev. vs baseline |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        budget = r.get("budget_bytes", s.get("budget_bytes"))
+        budget = "card" if budget is None else _mib(budget)
         mb = "0 (batch 1 does not fit)" if r["max_batch"] == 0 else f"{r['max_batch']}" + ("+" if r.get("capped") else "")
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         va = f"{r['vs_a']:+.1f}%" if r.get("vs_a") is not None else ""
         vb = f"{r['vs_b']:+.1f}%" if r.get("vs_b") is not None else ""
         paper = f"+{PAPER_TABLE4[r['layers']]}%" if config_kind(r["config"]) == "c" and r["layers"] in PAPER_TABLE4 else ""
-        out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {mb} | {tps} | {va} | {vb} | {paper} |")
+        out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {budget} | {mb} | {tps} | {va} | {vb} | {paper} |")
     out += ["", "Paper: bf16 on one GPU, sequence length not stated in the paper; ours: the setup line above."]
     return out
 
@@ -197,3 +212,53 @@ def plot(result: dict, path: Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+SHAPE_KEYS = ("d", "heads", "seq", "batch", "vocab", "block", "loss_chunk", "device", "dtype", "compile")
+ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers")}
+
+
+def merge(results: list[dict]) -> dict:
+    """One table from several runs of it (e.g. configurations run in parallel processes).
+
+    The model shape and machine must agree; rows are united (a later run's row replaces an earlier one
+    with the same configuration and depth/batch); every run's command is kept.
+    """
+    if not results:
+        raise RevLLMError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        if (r["table"], r["machine_tag"]) != (first["table"], first["machine_tag"]):
+            raise RevLLMError(f"cannot merge a {r['table']} table from {r['machine_tag']} into a "
+                              f"{first['table']} table from {first['machine_tag']}")
+        diff = [k for k in SHAPE_KEYS if r["setup"].get(k) != first["setup"].get(k)]
+        if diff:
+            raise RevLLMError(f"cannot merge runs with different {', '.join(diff)}")
+    key = ROW_KEYS[first["table"]]
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        for row in r["rows"]:
+            rows[tuple(row[k] for k in key)] = row
+    configs = list(dict.fromkeys(k[0] for k in rows))
+    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), row[key[1]]))
+    if first["table"] == "capacity":
+        from .capacity import relative
+
+        merged_rows = sorted(merged_rows, key=lambda row: row["layers"])
+        relative(merged_rows)
+    setup = dict(first["setup"])
+    for k in ("depths", "batches"):
+        if k in setup:
+            setup[k] = sorted({v for r in results for v in r["setup"].get(k, [])})
+    for k in setup:  # run options that differ between the inputs (budget, time limit): each row keeps its own
+        if k not in SHAPE_KEYS and k not in ("depths", "batches") and any(r["setup"].get(k) != setup[k] for r in results):
+            setup[k] = "per run (see commands)"
+    # Partial only if a (configuration, depth/batch) cell is still missing: an interrupted input whose
+    # rows are all present (or re-measured by another input) leaves nothing out.
+    axis = setup.get("depths") or setup.get("batches") or []
+    complete = all((c, x) in rows for c in configs for x in axis)
+    out = {**first, "name": first["table"], "setup": setup, "rows": merged_rows,
+           "command": " ; ".join(dict.fromkeys(r["command"] for r in results)),
+           "created": max(r["created"] for r in results),
+           "partial": not complete and any(r.get("partial") for r in results)}
+    return out

@@ -31,6 +31,7 @@ def add_parser(subparsers):
         q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
         q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
         q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+        q.add_argument("--name", default=None, help="file stem instead of the table name (e.g. speed-sweep)")
 
     m = sub.add_parser("memory", help="table 1: saved bytes and peak memory vs depth (fresh process per row)")
     model_args(m, "comma list of depths", depths="6,12,24,48,96")
@@ -44,6 +45,7 @@ def add_parser(subparsers):
     s.add_argument("--batch", default="8", help="batch, or a comma list for a tokens/s-vs-batch sweep")
     s.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
     s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--profile", action="store_true", help="also profile one step per row (top operators)")
     s.set_defaults(func=run_speed)
 
     c = sub.add_parser("capacity", help="table 3: max batch under a memory budget, tokens/s at that batch")
@@ -54,11 +56,17 @@ def add_parser(subparsers):
     c.add_argument("--tolerance", type=float, default=0.0, help="stop bisecting within this fraction (0 = exact)")
     c.add_argument("--steps", type=int, default=3, help="timed steps at the max batch")
     c.add_argument("--warmup", type=int, default=1)
+    c.add_argument("--resume", default=None, help="result JSON of an interrupted run: reuse its finished searches")
     c.set_defaults(func=run_capacity)
 
     r = sub.add_parser("report", help="re-render every result's Markdown/PNG from its JSON and print the tables")
     r.add_argument("--results", default=DEFAULT_OUT, help="results directory")
     r.set_defaults(func=run_report)
+
+    g = sub.add_parser("merge", help="unite runs of one table (e.g. configurations run in parallel) into one result")
+    g.add_argument("inputs", nargs="+", help="result JSON files of the same table, machine and model shape")
+    g.add_argument("--out", default=DEFAULT_OUT, help="results directory for <table>_<machine>.{json,md,png}")
+    g.set_defaults(func=run_merge)
 
 
 def _base(args, batch: int = 8):
@@ -71,6 +79,8 @@ def _base(args, batch: int = 8):
             raise RevLLMError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.d % args.heads:
         raise RevLLMError(f"--heads {args.heads} must divide --d {args.d}")
+    if args.name and not all(ch.isalnum() or ch in "-." for ch in args.name):
+        raise RevLLMError(f"--name {args.name!r} may only hold letters, digits, '-' and '.'")
     configs = parse_configs(args.configs)
     spec = Spec(d=args.d, heads=args.heads, seq=args.seq, vocab=args.vocab, block=args.block, batch=batch,
                 loss_chunk=args.loss_chunk, device=device, dtype=dtype, compile=args.compile,
@@ -90,10 +100,25 @@ def _command(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _finish(result, out):
-    from ..bench.report import render_markdown, save
+def _saver(args):
+    """Save the partial table after every row: a long CPU run interrupted late keeps what it measured."""
+    from ..bench.report import save
 
-    paths = save(result, out)
+    def on_row(partial):
+        if args.name:
+            partial["name"] = args.name
+        save({**partial, "partial": True}, args.out)
+
+    return on_row
+
+
+def _finish(result, args):
+    from ..bench.report import render_markdown, save
+    from ..errors import RevLLMError
+
+    if args.name:
+        result["name"] = args.name
+    paths = save(result, args.out)
     print(render_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
 
@@ -110,8 +135,8 @@ def run_memory(args):
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise RevLLMError(f"--max-seconds must be positive, got {args.max_seconds:g}")
     result = memory_table(configs, depths, spec, budget=parse_bytes(args.memory_budget),
-                          max_seconds=args.max_seconds, command=_command(args))
-    _finish(result, args.out)
+                          max_seconds=args.max_seconds, command=_command(args), on_row=_saver(args))
+    _finish(result, args)
 
 
 def run_speed(args):
@@ -123,8 +148,9 @@ def run_speed(args):
     if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
         raise RevLLMError("--layers and --repeats must be positive and --warmup non-negative")
     configs, spec = _base(args, batches[0])
-    result = speed_table(configs, batches, spec, repeats=args.repeats, warmup=args.warmup, command=_command(args))
-    _finish(result, args.out)
+    result = speed_table(configs, batches, spec, repeats=args.repeats, warmup=args.warmup, command=_command(args),
+                         profile=args.profile)
+    _finish(result, args)
 
 
 def run_capacity(args):
@@ -141,9 +167,18 @@ def run_capacity(args):
         raise RevLLMError("need 1 <= --start-batch <= --max-batch and 0 <= --tolerance < 1")
     if args.steps < 1 or args.warmup < 0:
         raise RevLLMError("--steps must be positive and --warmup non-negative")
-    result = capacity_table(configs, depths, spec, budget=budget, start=args.start_batch, cap=args.max_batch,
-                            tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args))
-    _finish(result, args.out)
+    resume_rows = []
+    if args.resume:
+        from ..bench.report import load
+
+        prev = load(args.resume)
+        if prev["table"] != "capacity":
+            raise RevLLMError(f"--resume {args.resume} is a {prev['table']} table, not capacity")
+        resume_rows = prev["rows"]
+    result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
+                            tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
+                            on_row=_saver(args))
+    _finish(result, args)
 
 
 def run_report(args):
@@ -154,3 +189,12 @@ def run_report(args):
         if p.suffix == ".md":
             print(p.read_text())
     print("wrote " + ", ".join(str(p) for p in written))
+
+
+def run_merge(args):
+    from ..bench.report import load, merge, render_markdown, save
+
+    result = merge([load(p) for p in args.inputs])
+    paths = save(result, args.out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))

@@ -32,7 +32,7 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     p.add_argument("--corpus", nargs="+", help="text files/folders to use instead of the default corpus")
     p.add_argument("--dynamics", default="midpoint", help="reversible dynamics to compare with euler")
-    p.add_argument("--max-time", type=float, default=240.0, help="safety limit per run in seconds (default 240)")
+    p.add_argument("--max-time", type=float, default=200.0, help="safety limit per run in seconds (default 200)")
     p.add_argument("--tokenizer", default="smollm2")
     p.set_defaults(func=run)
 
@@ -73,7 +73,7 @@ def run(args):
         meta = prepare_tokens(corpus, data, tokenizer=args.tokenizer)
     console.print(f"    {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['tokenizer']['vocab_size']}")
 
-    runs = []
+    runs, stop_after = [], None
     for i, dyn in enumerate([args.dynamics, "euler"]):
         run_dir = out / dyn
         shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its run dirs
@@ -83,10 +83,16 @@ def run(args):
         cmd = [sys.executable, "-m", "revllm.cli", "train", "--data", str(data), "--out", str(run_dir), "--dynamics", dyn,
                "--max-steps", str(args.steps), "--eval-interval", str(interval), "--checkpoint-interval", str(args.steps),
                "--log-interval", str(max(1, interval // 4)), "--max-time", str(args.max_time), *DEMO_MODEL]
+        if stop_after:  # the first run hit --max-time: stop the second at the same step, same schedule
+            cmd += ["--stop-after", str(stop_after)]
         rc = subprocess.call(cmd)  # own process: peak RSS per run, and the child's errors print as one line
         if rc != 0:
             raise RevLLMError(f"training {dyn} failed (exit {rc})")
         runs.append(run_dir)
+        first = json.loads((run_dir / "summary.json").read_text())
+        if i == 0 and first["steps"] < args.steps:
+            stop_after = first["steps"]
+            console.print(f"    {dyn} stopped at step {stop_after} (--max-time); euler stops there too")
 
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     table = Table(title="reversible vs standard residual (same model, same data, same seed)")

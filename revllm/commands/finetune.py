@@ -23,6 +23,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-interval", type=int, default=100)
     g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    g.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
+                   help="under torchrun/accelerate launch with several processes (--batch-size is per process)")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
     g.add_argument("--ce-weight", type=float, default=0.0, help="weight of the added cross-entropy on the text")
     g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state matching (MSE)")
@@ -70,7 +72,8 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
                     anneal=anneal, tokenizer=tokenizer, resume=args.resume, max_steps=args.steps,
                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
                     warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
-                    checkpoint_interval=args.checkpoint_interval, max_time=args.max_time)
+                    checkpoint_interval=args.checkpoint_interval, max_time=args.max_time,
+                    parallel=args.parallel)
 
 
 def run(args):

@@ -33,6 +33,7 @@ FLAGS = {
     "beta2": (float, "AdamW beta2"),
     "clip": (float, "gradient-norm clip (0 = off)"),
     "precision": (str, "auto | fp32 | bf16 | fp16 (auto: bf16 on a bf16 GPU, fp32 on CPU)"),
+    "parallel": (str, "ddp | fsdp2 when launched with torchrun/accelerate on several processes"),
     "seed": (int, "seed for init, batches and dropout"),
     "eval_interval": (int, "steps between validations"),
     "eval_iters": (int, "validation batches"),
@@ -40,6 +41,7 @@ FLAGS = {
     "keep_last": (int, "checkpoints kept (0 = all)"),
     "log_interval": (int, "steps between CSV/TensorBoard rows"),
     "max_time": (float, "stop (with a checkpoint) after this many seconds"),
+    "stop_after": (int, "stop (with a checkpoint) after this step; the lr schedule still plans --max-steps"),
 }
 BOOLS = {"memory_free": "reversible backward (default on for reversible dynamics)",
          "activation_checkpointing": "per-layer activation checkpointing of the stored path (baseline)",
@@ -54,8 +56,13 @@ def add_parser(sub):
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML file of flag values")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest good checkpoint in --out")
+    from ..train.config import TrainConfig
+
+    defaults = TrainConfig()
     for name, (typ, hlp) in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+        d = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ,
+                       help=hlp if d is None else f"{hlp} (default {d})")
     for name, hlp in BOOLS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=hlp)
     p.set_defaults(func=run)

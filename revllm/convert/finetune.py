@@ -103,7 +103,18 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
         from ..train.checkpoint import latest_good, load_model
 
         model = load_model(latest_good(Path(out)))
-    final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    final.eval()
-    save_model_atomic(final, Path(out) / "model", tokenizer)
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # --parallel fsdp2 sharded it in place: gather (collective)
+        from ..parallel.full_state import full_model_copy
+
+        model = full_model_copy(model)  # None on ranks > 0
+    final = None
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one writer under torchrun
+        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        final.eval()
+        save_model_atomic(final, Path(out) / "model", tokenizer)
+    if dist.is_initialized():
+        dist.barrier()
     return {**summary, "model": final}

@@ -94,7 +94,7 @@ class Dynamics(nn.Module):
         """round(B y) + round(C f(y)): a deterministic integer function of what the backward holds."""
         r = fxp.fixed_scaled(float(c), fy, bits)
         if not _is_zero(b):
-            r = r + fxp.fixed_mul(float(b), Y, bits)
+            r = r + fxp.fixed_mul(float(b), Y)
         return r
 
     def step_exact(self, j: int, X: torch.Tensor, Y: torch.Tensor, fy: torch.Tensor, bits: int):

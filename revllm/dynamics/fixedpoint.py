@@ -57,7 +57,7 @@ def nearest_dyadic(a: float, k: int) -> str:
     return f"{m / 2**k:.6g} ({m}/{2**k})"
 
 
-def fixed_mul(coef: float, q: torch.Tensor, bits: int) -> torch.Tensor:
+def fixed_mul(coef: float, q: torch.Tensor) -> torch.Tensor:
     """round(coef * q) for a fixed-point tensor q, deterministic: exact integer arithmetic when coef is
     an integer or dyadic, float64 otherwise (same result every time it is recomputed)."""
     d = dyadic(coef)

@@ -77,15 +77,15 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
     )
     anchor = torch.empty(0, requires_grad=True) if needs_anchor else None
     store = not memory_free and torch.is_grad_enabled()
-    return ReversibleStackFunction.apply(x, y, anchor, stack, store)
+    monitor = stack.monitor if memory_free else None  # drift exists only where states are reconstructed
+    return ReversibleStackFunction.apply(x, y, anchor, stack, store, monitor)
 
 
 class ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, anchor, stack: Stack, store: bool = False):
+    def forward(ctx, x, y, anchor, stack: Stack, store: bool = False, mon: DriftMonitor | None = None):
         streams = make_streams(stack.dynamics, stack.exact_bits)
         dev, dtype = y.device, y.dtype
-        mon = stack.monitor if not store else None
         rng_states, sides, kept, states = [], [], [], []
         # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
         # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
@@ -115,12 +115,12 @@ class ReversibleStackFunction(torch.autograd.Function):
                 sides.append(side)
                 X, Y = Y, Z
         streams.check()
-        ctx.stack, ctx.streams, ctx.store = stack, streams, store
+        ctx.stack, ctx.streams, ctx.store, ctx.mon = stack, streams, store, mon
         ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states
         ctx.dtype = dtype
-        # The inputs are kept for the always-on bottom-state drift check (one stream: x is y under
-        # the default "copy" initial state).
-        ctx.save_for_backward(X, Y, x, y)
+        # With a monitor the inputs are kept for the bottom-state drift check (one more stream, or none
+        # extra beyond the embedding output when x is y under the default "copy" initial state).
+        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()))
         if not streams.exact:
             return X, Y
         return streams.decode(X, dtype), streams.decode(Y, dtype)
@@ -129,11 +129,12 @@ class ReversibleStackFunction(torch.autograd.Function):
     def backward(ctx, g_y, g_z):
         stack: Stack = ctx.stack
         dyn, streams = stack.dynamics, ctx.streams
-        Y, Z, x_in, y_in0 = ctx.saved_tensors  # held pair (older, newest) and the stack's inputs
-        mon = stack.monitor if not ctx.store else None
+        Y, Z, *inputs = ctx.saved_tensors  # held pair (older, newest) [and the stack's inputs]
+        mon = ctx.mon
         per_layer = mon is not None and mon.per_layer and bool(ctx.states)
-        g_y = torch.zeros_like(x_in) if g_y is None else g_y
-        g_z = torch.zeros_like(y_in0) if g_z is None else g_z
+        zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
+        g_y = zeros() if g_y is None else g_y
+        g_z = zeros() if g_z is None else g_z
         steps = list(stack.substeps())
         want_input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         rels, fell_back = [], False
@@ -174,10 +175,10 @@ class ReversibleStackFunction(torch.autograd.Function):
                     Y, Z = X, Y
                 g_y, g_z = g_x, g_y_new
         if mon is not None:
-            _report(mon, streams, (Y, Z), (x_in, y_in0), rels, fell_back)
+            _report(mon, streams, (Y, Z), inputs, rels, fell_back)
         # g_y, g_z are now the gradients of the input pair (x_0, y_0).
         return (g_y if ctx.needs_input_grad[0] else None,
-                g_z if ctx.needs_input_grad[1] else None, None, None, None)
+                g_z if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def _report(mon: DriftMonitor, streams, rec, inputs, rels, fell_back):

@@ -64,7 +64,10 @@ class RevLLMConfig(PretrainedConfig):
     midpoint_a_floor: float = 0.25
     midpoint_a_dyadic_bits: int | None = None
 
-    # Exact reversal. Default off: on CPU exact streams cost more than the 5% bar (docs/notes/issue4.md).
+    # Exact reversal. Default off: its cost was not shown to be <= 5% (CPU end-to-end timings were
+    # noise-bound; the stream arithmetic alone is +1.5..+4% per step for midpoint/leapfrog/hamiltonian
+    # and +7..8% for midpoint_a at d=128) and int64 streams double the held stream memory.
+    # See benchmarks/results/exact_reversal.md.
     exact_reversal: bool = False
     exact_fraction_bits: int = 32
     drift_monitor: bool = False

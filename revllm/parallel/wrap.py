@@ -27,7 +27,6 @@ How the reversible engine meets each engine (see revllm/engine/function.py):
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
@@ -37,7 +36,6 @@ from torch import nn
 from ..errors import RevLLMError
 
 MODES = ("none", "ddp", "fsdp2")
-log = logging.getLogger(__name__)
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
@@ -120,6 +118,8 @@ def _mp_policy(mp_policy):
 def _fully_shard(model, mp_policy, reshard_after_forward, mesh):
     from torch.distributed.fsdp import fully_shard
 
+    if type(model).__name__.startswith("Peft"):
+        raise RevLLMError("parallel mode fsdp2 does not support LoRA (peft) models; use ddp")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise RevLLMError("fsdp2 expects a RevLLMForCausalLM (model.model.layers); got " + type(model).__name__)
@@ -173,14 +173,14 @@ def gradient_sync(model: nn.Module, enabled: bool):
     inside; the first backward outside reduces everything accumulated so far."""
     if enabled:
         yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
     elif hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP (and FSDP1 when accelerate wraps with it)
+        with model.no_sync():
+            yield
     else:
         yield

@@ -13,8 +13,8 @@ from ..errors import RevLLMError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Keys a --resume may change; everything else comes from the checkpoint (it defines the run).
-RESUME_MUTABLE = {"max_steps", "eval_interval", "eval_iters", "checkpoint_interval", "keep_last", "log_interval",
-                  "resume", "out", "data", "progress", "max_time"}
+RESUME_MUTABLE = {"parallel", "max_steps", "eval_interval", "eval_iters", "checkpoint_interval", "keep_last",
+                  "log_interval", "resume", "out", "data", "progress", "max_time", "stop_after"}
 
 
 @dataclass
@@ -50,6 +50,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip: float = 1.0
     precision: str = "auto"
+    parallel: str = "ddp"  # several processes (torchrun / accelerate launch): ddp | fsdp2
     seed: int = 0
     # bookkeeping
     eval_interval: int = 50
@@ -58,14 +59,17 @@ class TrainConfig:
     keep_last: int = 2
     log_interval: int = 10
     max_time: float | None = None  # seconds; stop (and checkpoint) early when exceeded
+    stop_after: int | None = None  # stop (and checkpoint) after this step; the schedule still plans max_steps
     resume: bool = False
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        if not self.data:
+        if not self.data and not self.resume:  # --resume takes it from the checkpoint
             raise RevLLMError("--data is required (a token directory from `revllm data`)")
         if not self.out:
             raise RevLLMError("--out is required (the run directory)")
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise RevLLMError(f"parallel={self.parallel!r} is unknown; allowed: ddp, fsdp2")
         if self.precision not in PRECISIONS:
             raise RevLLMError(f"precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
         positive = ("layers", "hidden", "heads", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",

@@ -17,6 +17,10 @@ Reusable entry point::
 
 Device placement, mixed precision (bf16 autocast on a bf16-capable GPU, fp32 on CPU) and gradient-sync
 control go through ``accelerate.Accelerator``, so ``accelerate launch`` / ``torchrun`` need no rewrite.
+Several processes: ``cfg.parallel`` = ``ddp`` (accelerate's DDP wrapper) or ``fsdp2`` (revllm.parallel
+shards each layer; accelerate only places the optimizer). ``batch_size`` is per process: every rank draws
+the same global batch from the shared sampler and takes its own rows, so rank 0's sampler state is the
+run's. Checkpoints keep the single-process format (FSDP2 gathers full state), resumable at any world size.
 Everything that decides the next step (weights, AdamW state, scheduler, the sampler's numpy RNG, torch's
 RNG) is in each checkpoint, so on CPU a resumed run is bit-identical to an uninterrupted one.
 Outputs: RUN/config.yaml, RUN/metrics.csv, RUN/tb/ (TensorBoard), RUN/checkpoints/, RUN/summary.json.
@@ -30,6 +34,8 @@ import math
 import os
 import resource
 import time
+import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +45,7 @@ from ..errors import RevLLMError
 from . import checkpoint as ckpt_io
 from .config import RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
+from ..parallel import gradient_sync
 
 CSV_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", "mem_mb", "elapsed_s"]
 
@@ -55,12 +62,20 @@ def memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class SavedTensorMeter:
     """Bytes that autograd saves for backward during a forward (parameters excluded), de-duplicated by
     storage. The memory-free engine saves only what its Function keeps; the stored path saves every layer."""
 
     def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # FSDP2 parameters are DTensors: their local shard owns the storage. (The root's gathered copy
+        # that FSDP2 keeps through the forward is counted as saved, as it is held for the backward.)
+        self.params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
         self.seen, self.bytes = set(), 0
 
     def pack(self, t):
@@ -114,7 +129,14 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
         resume = (ckpt, meta, opt_state, rng)
     run = Path(cfg.out)
+    if not resume and ckpt_io.list_checkpoints(run):
+        raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
     data = TokenData(cfg.data)
+    if resume:
+        was = resume[1].get("data_tokenizer", {})
+        if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
+            raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
+                              f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
     tokenizer = ckpt_io.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
 
     # -- the model -------------------------------------------------------------------------------
@@ -145,16 +167,34 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     if precision != "fp32" and not cuda:
         raise RevLLMError(f"precision={precision} needs a GPU; use fp32 (or auto) on CPU")
     acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    model, optimizer = acc.prepare(model, optimizer)
+    world, rank = acc.num_processes, acc.process_index
+    fsdp2 = cfg.parallel == "fsdp2" and world > 1
+    if cfg.parallel == "fsdp2" and not fsdp2:
+        warnings.warn("parallel=fsdp2 is ignored in a single process (launch with torchrun --nproc-per-node N)")
+    if fsdp2:
+        from ..parallel import parallelize
+        from ..parallel.full_state import full_model_copy, full_optimizer_state, load_full_optimizer_state
+
+        # Shard before building the optimizer (it must hold the sharded parameters); prepare(model) is
+        # skipped because accelerate would wrap the sharded model in DDP as well.
+        model = parallelize(model.to(acc.device), "fsdp2")
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        optimizer = acc.prepare(optimizer)
+    else:
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        model, optimizer = acc.prepare(model, optimizer)
     if teacher is not None:
         teacher.to(acc.device).eval().requires_grad_(False)
-    sampler = WindowSampler(data.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    sampler = WindowSampler(data.train, cfg.batch_size * world, cfg.seq_len, cfg.seed)  # global batch
     step, tokens, train_time, timed_tokens = 0, 0, 0.0, 0
     if resume:
         ckpt, meta, opt_state, rng = resume
-        optimizer.load_state_dict(opt_state)
+        if fsdp2:
+            load_full_optimizer_state(model, optimizer.optimizer, opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(meta["scheduler"])
         sampler.load_state(meta["sampler"])
         torch.set_rng_state(rng["torch"])
@@ -205,9 +245,12 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         rngs = {"torch": torch.get_rng_state()}
         if cuda:
             rngs["cuda"] = torch.cuda.get_rng_state()
+        to_save, opt = acc.unwrap_model(model), optimizer
+        if fsdp2:  # collective gathers, on every rank
+            to_save, opt_sd = full_model_copy(model), full_optimizer_state(model, optimizer.optimizer)
+            opt = types.SimpleNamespace(state_dict=lambda: opt_sd)
         if main:
-            ckpt_io.save_checkpoint(run, step, acc.unwrap_model(model), tokenizer, optimizer, scheduler, st, rngs,
-                                    cfg.keep_last)
+            ckpt_io.save_checkpoint(run, step, to_save, tokenizer, opt, scheduler, st, rngs, cfg.keep_last)
         acc.wait_for_everyone()
 
     def log(row):
@@ -221,7 +264,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
 
     # -- the loop -------------------------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.dynamics}", disable=not (cfg.progress and main),
+    bar = tqdm(total=min(cfg.max_steps, cfg.stop_after or cfg.max_steps), initial=step, desc=f"train {cfg.dynamics}", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     t_start, win_tokens, win_time, val_loss, extra = time.perf_counter(), 0, 0.0, None, {}
     first_step_time, stopped = None, None
@@ -229,8 +272,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(cfg.grad_accum):
-            batch = {"input_ids": sampler.next().to(acc.device)}
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model)
+            batch = {"input_ids": sampler.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(acc.device)}
+            sync = gradient_sync(model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
             measure = meter() if act_bytes is None else contextlib.nullcontext()
             with sync:
                 with measure:
@@ -239,6 +282,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             if act_bytes is None:
                 act_bytes = meter.bytes
             loss_sum += loss.detach().float()
+        if world > 1:
+            loss_sum = acc.reduce(loss_sum, "mean")  # log the global batch's loss, not rank 0's rows
         train_loss = (loss_sum / cfg.grad_accum).item()
         if not math.isfinite(train_loss):
             good = ckpt_io.latest_good(run)
@@ -272,6 +317,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             win_tokens, win_time = 0, 0.0
         if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
             stopped = f"max_time={cfg.max_time}s reached at step {step}"
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            stopped = f"stop_after={cfg.stop_after}"
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
             save()
         if stopped:
@@ -286,7 +333,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
                                                                                            "memory_free", False)),
                "precision": precision, "device": str(acc.device), "stopped_early": stopped,
-               "wall_s": time.perf_counter() - t_start, "config": cfg.to_dict()}
+               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict()}
     if main:
         tb.close()
         tmp = run / ".summary.json.tmp"

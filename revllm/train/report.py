@@ -109,7 +109,7 @@ def write_report(run_paths, out) -> Path:
           + " Activation memory is what autograd saves for backward in one forward (parameters excluded).", "",
           table(runs), ""]
     if len(runs) > 1:
-        base = min(runs, key=lambda r: not r["summary"].get("memory_free"))  # prefer a stored-activation baseline
+        base = min(runs, key=lambda r: bool(r["summary"].get("memory_free")))  # prefer a stored-activation baseline
         for r in runs:
             if r is base:
                 continue
