@@ -47,7 +47,8 @@ def run(args):
     import torch
 
     from ..convert import convert, load_source, load_source_tokenizer, save_converted
-    from ..eval.load import offline, resolve_model_dir
+    from ..train.checkpoint import resolve_model_dir
+    from .common import offline
 
     offline()
     dtype = getattr(torch, args.dtype)

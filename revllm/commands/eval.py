@@ -30,8 +30,10 @@ def add_parser(sub):
 
 def run(args):
     from ..eval import evaluate_perplexity, read_text_tokens, read_token_dir
-    from ..eval.load import load_model, load_tokenizer
+    from ..train.checkpoint import load_model, load_tokenizer
+    from .common import offline
 
+    offline()
     if not (args.data or args.text or args.tasks):
         raise ValueError("nothing to evaluate: give --data DIR, --text FILE and/or --tasks NAMES")
     model = load_model(args.model).eval()

@@ -78,7 +78,8 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
 
 def run(args):
     from ..convert import convert, load_source
-    from ..eval.load import load_model, load_tokenizer, offline, resolve_model_dir
+    from ..train.checkpoint import load_model, load_tokenizer, resolve_model_dir
+    from .common import offline
     from .convert import dynamics_kwargs
 
     offline()

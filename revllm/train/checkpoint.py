@@ -170,17 +170,26 @@ def load_trainer_state(ckpt: Path) -> tuple[dict, dict, dict]:
 
 # -- loading models for generate / eval / bench --------------------------------------------------
 def resolve_model_dir(path) -> Path:
-    """Run dir -> latest good checkpoint's model/; checkpoint dir -> verified model/; HF dir -> itself."""
+    """What a user names as a model, as a from_pretrained directory:
+    ``smollm2`` -> the cached SmolLM2-135M-Instruct copy; checkpoint dir -> its verified model/;
+    finished fine-tuning run -> RUN/model (the final, merged model); run dir -> latest good checkpoint's
+    model/; Hugging Face model dir -> itself."""
+    if str(path) == "smollm2":
+        from ..assets import smollm2_model_dir
+
+        return smollm2_model_dir()
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
+    if (p / MANIFEST).is_file() or p.name.startswith(PREFIX):
+        return verify(p) / "model"
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
     if (p / "checkpoints").is_dir():
         ckpt = latest_good(p)
         if ckpt is None:
             raise CheckpointError(f"run {p} has no good checkpoint")
         return ckpt / "model"
-    if (p / MANIFEST).is_file() or p.name.startswith(PREFIX):
-        return verify(p) / "model"
     if (p / "config.json").is_file():
         return p
     raise RevLLMError(f"{p} is not a run directory, a checkpoint or a Hugging Face model directory (no config.json)")
@@ -194,6 +203,10 @@ def load_model(path, dtype=torch.float32):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if str(path).endswith(".gguf"):  # transformers' gguf loader (dequantized weights)
+        from ..convert.from_hf import load_source
+
+        return load_source(path, dtype)
     d = resolve_model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
@@ -203,11 +216,20 @@ def load_model(path, dtype=torch.float32):
         raise CheckpointError(f"cannot load model from {d}: {msg}") from None
 
 
-def load_tokenizer(path):
-    """Tokenizer from a run/checkpoint/HF/tokenizer dir, or ``smollm2`` for the embedded default."""
+def load_tokenizer(path, required: bool = True):
+    """Tokenizer from a run/checkpoint/HF/tokenizer dir, a .gguf file, or ``smollm2`` for the embedded
+    default; with ``required=False`` a model saved without one gives None."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
+    if not required:
+        try:
+            return load_tokenizer(path)
+        except RevLLMError:
+            return None
+    if str(path).endswith(".gguf"):
+        p = Path(path)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     if str(path) == "smollm2":
         from ..assets import smollm2_tokenizer_dir
 
