@@ -10,7 +10,6 @@ Shape legend: B batch, T tokens, D width, H heads, K head dim.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D

@@ -114,7 +114,6 @@ def _saver(args):
 
 def _finish(result, args):
     from ..bench.report import render_markdown, save
-    from ..errors import RevLLMError
 
     if args.name:
         result["name"] = args.name

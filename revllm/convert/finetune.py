@@ -8,12 +8,10 @@ distillation loss. LoRA adapters (peft) are merged back before the final model i
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import RevLLMError
+from .from_hf import save_model_atomic
 
 
 def add_lora(model, r: int = 8, alpha: int | None = None, dropout: float = 0.0, target_modules=None):
@@ -42,25 +40,6 @@ class AnnealedLoss:
             self.anneal(model, self.calls // self.grad_accum)
             self.calls += 1
         return self.loss_fn(model, batch)
-
-
-def save_model_atomic(model, out: Path, tokenizer=None) -> Path:
-    """save_pretrained into ``out`` via a temporary directory and a rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal=None, tokenizer=None,

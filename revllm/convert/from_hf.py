@@ -205,22 +205,31 @@ def convert(model_or_path, dynamics: str = "midpoint_a", k: int = 4, step_size: 
 
 
 def save_converted(model: RevLLMForCausalLM, out, tokenizer=None) -> Path:
-    """save_pretrained into ``out`` atomically (temp dir + rename), with the tokenizer alongside."""
+    """save_pretrained into a new (or empty) ``out`` atomically, with the tokenizer alongside."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RevLLMError(f"output directory {out} exists and is not empty")
+    return save_model_atomic(model, out, tokenizer)
+
+
+def save_model_atomic(model, out, tokenizer=None) -> Path:
+    """save_pretrained into ``out`` via a temporary directory and a rename: a crash never leaves a
+    half-written model, and an existing ``out`` is replaced only once the new one is complete."""
     import shutil
     import tempfile
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RevLLMError(f"output directory {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        old = out.with_name(f".{out.name}.old")
         if out.exists():
-            out.rmdir()
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -6,7 +6,7 @@ checkpoint's trainer_state.json and in RUN/config.yaml.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RevLLMError
