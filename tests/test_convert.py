@@ -171,6 +171,28 @@ def test_distill_loss_matches_manual_kl_and_vanishes_for_identical_student():
     assert all(p.grad is None for p in src.parameters())
 
 
+def test_distill_loss_never_holds_full_logits():
+    # Neither the student's nor the teacher's (B, T, V) logits may be saved for backward or kept alive.
+    from revllm.convert.distill import DistillLoss
+
+    src = tiny_hf("llama")
+    student = convert(src, dynamics="midpoint").train()
+    ids = _ids(B=2, T=12)
+    V = student.config.vocab_size
+    params = {p.untyped_storage().data_ptr() for m in (src, student) for p in m.parameters()}
+    logit_rows = []  # rows of vocabulary-wide tensors, counted by their storage (a view keeps it all alive)
+
+    def pack(t):
+        if t.shape and t.shape[-1] == V and t.untyped_storage().data_ptr() not in params:
+            logit_rows.append(t.untyped_storage().nbytes() // (V * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = DistillLoss(src, chunk_tokens=8)(student, {"input_ids": ids})
+    assert all(r <= 8 for r in logit_rows)  # at most a chunk of 8 of the 24 positions, never all of them
+    loss.backward()
+
+
 def test_near_euler_default_is_exact_and_memory_free_grads_are_bitwise():
     src = tiny_hf("llama", layers=4, dtype=torch.float32)
     ids = _ids(B=2, T=16)

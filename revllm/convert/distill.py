@@ -8,9 +8,10 @@ interface). Per position t, with student logits s_t, teacher logits u_t and temp
          + hidden_weight * mean((n_s - n_u)^2)                   (optional: final-norm hidden states)
 
 The teacher runs in eval mode without grad (its activations are never kept). The student runs its
-usual training path (memory-free for reversible rules) with ``logits_to_keep=1``; its full logits are
-never held: the head and the KL are evaluated a chunk of tokens at a time under activation
-checkpointing, as the model's own chunked cross-entropy does.
+usual training path (memory-free for reversible rules). Neither model's full (B, T, V) logits are ever
+held: both run with ``logits_to_keep=1`` and their final hidden states are kept; the two heads and the KL
+are evaluated a chunk of tokens at a time under activation checkpointing, as the model's own chunked
+cross-entropy does (teacher logits for 4 x 1024 tokens of a 49k vocabulary would be 800 MB).
 Shape legend: B batch, T tokens, D width, V vocab.
 """
 from __future__ import annotations
@@ -48,11 +49,13 @@ def _run_with_final_hidden(model, ids, **kw):
     return out, box["h"]
 
 
-def _chunk_terms(h, weight, bias, t_logits, labels, temperature: float):
+def _chunk_terms(h, weight, bias, t_h, t_weight, t_bias, labels, temperature: float):
     """Summed KL(teacher || student) at temperature T and summed CE, for one chunk of positions."""
     s = F.linear(h, weight, bias).float()  # (N, V)
+    with torch.no_grad():  # the teacher's head: recomputed per chunk, never stored, no gradient
+        t_logits = F.linear(t_h, t_weight, t_bias).float()
     log_q = F.log_softmax(s / temperature, -1)
-    log_p = F.log_softmax(t_logits.float() / temperature, -1)
+    log_p = F.log_softmax(t_logits / temperature, -1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
     ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="sum")
     return kl, ce
@@ -73,17 +76,19 @@ class DistillLoss:
     def __call__(self, model, batch):
         ids = batch["input_ids"]
         with torch.no_grad():
-            t_out, t_hidden = _run_with_final_hidden(self.teacher, ids)
+            _, t_hidden = _run_with_final_hidden(self.teacher, ids, logits_to_keep=1)
         _, s_hidden = _run_with_final_hidden(model, ids, logits_to_keep=1)
         head = _unwrap(model).get_output_embeddings()
+        t_head = _unwrap(self.teacher).get_output_embeddings()
         B, T, D = s_hidden.shape
         h = s_hidden.reshape(-1, D)
-        tl = t_out.logits.reshape(B * T, -1)
+        th = t_hidden.reshape(B * T, -1)
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)  # next token; last: none
         kl = h.new_zeros((), dtype=torch.float32)
         ce = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk):
-            args = (h[s : s + self.chunk], head.weight, head.bias, tl[s : s + self.chunk], labels[s : s + self.chunk], self.T)
+            args = (h[s : s + self.chunk], head.weight, head.bias, th[s : s + self.chunk], t_head.weight, t_head.bias,
+                    labels[s : s + self.chunk], self.T)
             k_, c_ = checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_terms(*args)
             kl, ce = kl + k_, ce + c_
         kl = kl / (B * T) * self.T**2
