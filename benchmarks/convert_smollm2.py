@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -47,12 +46,14 @@ def kjv_text(path: Path) -> str:
     return "\n".join(lines)
 
 
-def saved_bytes(fn):
-    """Run fn() and count the bytes autograd saves for backward (parameters excluded, storages deduped)."""
+def saved_bytes(fn, params=()):
+    """Run fn() and count the bytes autograd saves for backward (storages deduped). Weights are excluded by
+    storage, not by type: linear layers save views of them (``weight.t()``) that are not Parameters."""
     seen, total = set(), [0]
+    weights = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t):
-        if isinstance(t, torch.nn.Parameter):
+        if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in weights:
             return t
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
@@ -72,7 +73,8 @@ def step_cost(model, loss_fn, batches, lr=1e-5):
     times, act = [], None
     for i, x in enumerate(batches):
         t0 = time.perf_counter()
-        (loss, _), b = saved_bytes(lambda: loss_fn(model, {"input_ids": x}))
+        weights = [*model.parameters(), *getattr(loss_fn, "teacher", torch.nn.Module()).parameters()]
+        (loss, _), b = saved_bytes(lambda: loss_fn(model, {"input_ids": x}), weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +93,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--distill-minutes", type=float, default=10.0)
+    ap.add_argument("--distill", nargs="+", default=["midpoint_a k=4"],
+                    help="conversions to distill, by their name in the before-training table (e.g. leapfrog)")
     ap.add_argument("--anneal-minutes", type=float, default=0.0)
     ap.add_argument("--cost-steps", type=int, default=3)
     ap.add_argument("--phases", default="before,distill,cost",
@@ -160,9 +164,12 @@ def main():
         return {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
                 "memory_free": bool(model.config.memory_free)}
 
-    if "distill" in phases:
-        m = convert(orig, dynamics="midpoint_a", k=4)
-        res["distill"]["midpoint_a k=4"] = distill(m, args.distill_minutes, label="k=4")
+    for name in args.distill if "distill" in phases else []:
+        known = dict(recipes)
+        if name not in known:
+            raise SystemExit(f"--distill {name!r} is unknown; choose from: {', '.join(known)}")
+        m = convert(orig, **(known[name] or {"dynamics": "euler"}))
+        res["distill"][name] = distill(m, args.distill_minutes, label=name)
         _write(res)
     if args.anneal_minutes > 0:
         m = convert(orig, dynamics="midpoint_a", k=4)
