@@ -7,3 +7,17 @@ class RevLLMError(Exception):
 
 class CheckpointError(RevLLMError):
     """A checkpoint is missing, incomplete or corrupted; it is refused, never half-loaded."""
+
+
+def read_json(path, missing: str, error: type[RevLLMError] = RevLLMError):
+    """Parse a JSON file that revllm wrote; a missing or corrupted file is a one-line ``error``."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is corrupted ({getattr(e, 'msg', None) or e.reason})") from None

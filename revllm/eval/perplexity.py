@@ -7,7 +7,6 @@ Shape legend: B batch, T tokens, V vocab.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,19 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RevLLMError
+from ..errors import RevLLMError, read_json
 
 
 def read_token_dir(path, split: str = "val") -> torch.Tensor:
     """The ``split``.bin ids of a ``revllm data`` directory as a 1-D int64 tensor."""
     d = Path(path)
-    meta_path = d / "meta.json"
-    if not meta_path.is_file():
-        raise RevLLMError(f"{d} has no meta.json: not a token directory from `revllm data`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise RevLLMError(f"{meta_path} is corrupted ({e.msg})") from None
+    meta = read_json(d / "meta.json", f"{d} has no meta.json: not a token directory from `revllm data`")
     dtype = np.dtype(meta.get("dtype", "uint16"))
     f = d / f"{split}.bin"
     if not f.is_file() or f.stat().st_size == 0:

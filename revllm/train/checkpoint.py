@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, RevLLMError
+from ..errors import CheckpointError, RevLLMError, read_json
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
@@ -54,13 +54,7 @@ def write_manifest(root: Path) -> None:
 def verify(ckpt: Path) -> Path:
     """Raise CheckpointError unless every file listed in the manifest is present and intact."""
     ckpt = Path(ckpt)
-    man = ckpt / MANIFEST
-    if not man.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it")
-    try:
-        entries = json.loads(man.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupted ({e})") from None
+    entries = read_json(ckpt / MANIFEST, f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it", CheckpointError)
     for rel, digest in entries.items():
         p = ckpt / rel
         if not p.is_file():

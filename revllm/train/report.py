@@ -7,11 +7,10 @@ Reads each run's ``summary.json`` (final numbers) and ``metrics.csv`` (curves). 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
-from ..errors import RevLLMError
+from ..errors import read_json
 
 COLUMNS = [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "val ppl", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
            ("activation_mb", "activation MB", "{:.2f}"), ("peak_mb", "peak MB", "{:,.0f}"), ("params", "params", "{:,}")]
@@ -19,13 +18,7 @@ COLUMNS = [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "val ppl", "{:.1f}"),
 
 def load_run(path) -> dict:
     run = Path(path)
-    s = run / "summary.json"
-    if not s.is_file():
-        raise RevLLMError(f"{run} has no summary.json: not a finished `revllm train` run")
-    try:
-        summary = json.loads(s.read_text())
-    except json.JSONDecodeError as e:
-        raise RevLLMError(f"{s} is corrupted ({e.msg})") from None
+    summary = read_json(run / "summary.json", f"{run} has no summary.json: not a finished `revllm train` run")
     rows = []
     if (run / "metrics.csv").is_file():
         with open(run / "metrics.csv") as f:
