@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
+from revllm.bench.configs import SavedBytes  # noqa: E402
 from revllm.assets import smollm2_model_dir  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.distill import AnnealA, DistillLoss  # noqa: E402
@@ -46,26 +47,6 @@ def kjv_text(path: Path) -> str:
     return "\n".join(lines)
 
 
-def saved_bytes(fn, params=()):
-    """Run fn() and count the bytes autograd saves for backward (storages deduped). Weights are excluded by
-    storage, not by type: linear layers save views of them (``weight.t()``) that are not Parameters."""
-    seen, total = set(), [0]
-    weights = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t):
-        if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in weights:
-            return t
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total[0] += key[1]
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total[0]
-
-
 def step_cost(model, loss_fn, batches, lr=1e-5):
     """Mean seconds per optimizer step and saved-activation MiB of one step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -73,8 +54,9 @@ def step_cost(model, loss_fn, batches, lr=1e-5):
     times, act = [], None
     for i, x in enumerate(batches):
         t0 = time.perf_counter()
-        weights = [*model.parameters(), *getattr(loss_fn, "teacher", torch.nn.Module()).parameters()]
-        (loss, _), b = saved_bytes(lambda: loss_fn(model, {"input_ids": x}), weights)
+        with SavedBytes(model, getattr(loss_fn, "teacher", torch.nn.Module())) as meter:
+            loss, _ = loss_fn(model, {"input_ids": x})
+        b = meter.bytes
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -191,8 +191,12 @@ class SavedBytes:
     Non-reentrant checkpointing saves its inputs through a Function too, so (b) is counted correctly.
     """
 
-    def __init__(self, model):
-        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def __init__(self, *models):
+        # Weights are excluded by storage, not type (linear layers save views such as ``weight.t()``).
+        # FSDP2 parameters are DTensors whose local shard owns the storage; the root's gathered copy that
+        # FSDP2 keeps through the forward is counted, as it is held for the backward.
+        self.exclude = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr()
+                        for m in models for p in m.parameters()}
         self.storages: dict[int, int] = {}
         self.tensors = 0
 

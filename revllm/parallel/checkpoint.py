@@ -126,14 +126,7 @@ def save_sharded(path, model, optimizer=None, state: dict | None = None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    opts = StateDictOptions(ignore_frozen_params=False)
-    if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer, options=opts)
-        to_save = {"model": msd, "optim": osd}
-    else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        to_save = {"model": get_model_state_dict(model, options=opts)}
+    to_save = _state_dicts(model, optimizer)
     dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(tmp)))
     _barrier()
     if _rank() == 0:
@@ -152,6 +145,20 @@ def save_sharded(path, model, optimizer=None, state: dict | None = None) -> Path
             os.replace(tmp, path)
     _barrier()
     return path
+
+
+# Frozen parameters (LoRA bases) are part of the checkpoint too.
+_OPTS = StateDictOptions(ignore_frozen_params=False)
+
+
+def _state_dicts(model, optimizer) -> dict:
+    """DCP state dicts (sharded where the model is): what is saved, and the templates loaded into."""
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {"model": get_model_state_dict(model, options=_OPTS)}
+    msd, osd = get_state_dict(model, optimizer, options=_OPTS)
+    return {"model": msd, "optim": osd}
 
 
 def _verify(path: Path) -> str | None:
@@ -182,22 +189,15 @@ def load_sharded(path, model, optimizer=None) -> dict:
         dist.broadcast_object_list(problem, src=0)  # rank 0's own JSON-derived string, not file data
     if problem[0]:
         raise CheckpointError(problem[0])
-    opts = StateDictOptions(ignore_frozen_params=False)
-    if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer, options=opts)
-        to_load = {"model": msd, "optim": osd}
-    else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        to_load = {"model": get_model_state_dict(model, options=opts)}
+    to_load = _state_dicts(model, optimizer)
     try:
         dcp.load(to_load, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
     except (pickle.UnpicklingError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot load sharded checkpoint {path}: {str(e).splitlines()[0]}") from e
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=opts)
+        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=_OPTS)
     else:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, to_load["model"], options=opts)
+        set_model_state_dict(model, to_load["model"], options=_OPTS)
     return json.loads((path / STATE_FILE).read_text())["state"]

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.configs import SavedBytes  # bytes saved for backward, weights excluded
 from ..data.tokens import TokenData, WindowSampler, val_batches
 from ..errors import RevLLMError
 from . import checkpoint as ckpt_io
@@ -66,27 +67,6 @@ def _cpu_seconds() -> float:
     """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-class SavedTensorMeter:
-    """Bytes that autograd saves for backward during a forward (parameters excluded), de-duplicated by
-    storage. The memory-free engine saves only what its Function keeps; the stored path saves every layer."""
-
-    def __init__(self, model):
-        # FSDP2 parameters are DTensors: their local shard owns the storage. (The root's gathered copy
-        # that FSDP2 keeps through the forward is counted as saved, as it is held for the backward.)
-        self.params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen, self.bytes = set(), 0
-
-    def pack(self, t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.params and s.data_ptr() not in self.seen:
-            self.seen.add(s.data_ptr())
-            self.bytes += s.nbytes()
-        return t
-
-    def __call__(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def _resolve_resume(cfg, explicit):
@@ -227,7 +207,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
 
         tb = SummaryWriter(str(run / "tb"), purge_step=step if resume else None)
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
-    meter, act_bytes = SavedTensorMeter(model), None
+    meter, act_bytes = SavedBytes(model), None
 
     def evaluate():
         model.eval()
@@ -274,7 +254,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         for micro in range(cfg.grad_accum):
             batch = {"input_ids": sampler.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(acc.device)}
             sync = gradient_sync(model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
-            measure = meter() if act_bytes is None else contextlib.nullcontext()
+            measure = meter if act_bytes is None else contextlib.nullcontext()
             with sync:
                 with measure:
                     loss, extra = loss_fn(model, batch)
