@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import re
@@ -26,13 +27,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-from revllm.bench.configs import SavedBytes  # noqa: E402
+from revllm.bench.configs import SavedBytes, max_rss_bytes, rss_bytes  # noqa: E402
 from revllm.assets import smollm2_model_dir  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.distill import AnnealA, DistillLoss  # noqa: E402
 from revllm.eval import evaluate_perplexity, kl_divergence  # noqa: E402
 
-OUT = Path(__file__).parent / "results"
+OUT = Path(os.environ.get("REVLLM_BENCH_OUT", Path(__file__).parent / "results"))  # probes write elsewhere
 
 
 def kjv_text(path: Path) -> str:
@@ -45,6 +46,37 @@ def kjv_text(path: Path) -> str:
         elif line.startswith("   ") and lines:
             lines[-1] += " " + line.strip()
     return "\n".join(lines)
+
+
+# Step-cost rows: (model, loss, options). "hf" is the original model under cross-entropy, "distill" a
+# conversion (options as for `convert`) distilled from the frozen original.
+COST_ROWS = {
+    "original fine-tune (CE)": ("hf", {}),
+    "original fine-tune (CE), activation checkpointing": ("hf", {"checkpointing": True}),
+    "distill midpoint_a k=4 (exact, memory-free)": ("distill", dict(dynamics="midpoint_a", k=4)),
+    "distill midpoint_a k=4 (exact, stored)": ("distill", dict(dynamics="midpoint_a", k=4, memory_free=False)),
+    "distill midpoint (float, memory-free)": ("distill", dict(dynamics="midpoint")),
+}
+
+
+def _cost_row(name, batches):
+    """One COST_ROWS row in this (fresh) process: s/step, saved-activation MiB, peak RSS MiB."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    kind, kw = COST_ROWS[name]
+    orig = AutoModelForCausalLM.from_pretrained(smollm2_model_dir(), dtype=torch.float32)
+    if kind == "hf":
+        model, loss_fn = orig, lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})
+        if kw.get("checkpointing"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model, loss_fn = convert(orig, **kw), DistillLoss(orig.eval(), temperature=1.0)
+    loaded = rss_bytes()
+    sec, act = step_cost(model, loss_fn, batches)
+    peak = max_rss_bytes()
+    return {"s_per_step": sec, "saved_activations_mib": act, "peak_rss_mib": peak / 2**20,
+            "peak_over_loaded_mib": (peak - loaded) / 2**20}
 
 
 def step_cost(model, loss_fn, batches, lr=1e-5):
@@ -75,6 +107,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--distill-minutes", type=float, default=10.0)
+    ap.add_argument("--distill-tokens", type=int, default=0,
+                    help="stop each distillation after this many tokens (0 = only the time budget applies)")
+    ap.add_argument("--distill-lr", type=float, default=None, help="learning rate of the distillations (default --lr)")
     ap.add_argument("--distill", nargs="+", default=["midpoint_a k=4"],
                     help="conversions to distill, by their name in the before-training table (e.g. leapfrog)")
     ap.add_argument("--anneal-minutes", type=float, default=0.0)
@@ -124,12 +159,13 @@ def main():
         return torch.stack([train[i : i + args.seq_len] for i in s.tolist()])
 
     def distill(model, minutes, anneal=None, label=""):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        lr = args.distill_lr or args.lr
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         model.train()
         curve, tokens, t0, step = [{"tokens": 0, "perplexity": ev(model)}], 0, time.perf_counter(), 0
         budget = minutes * 60
         marks = [12_800, 25_600, 51_200, 102_400, 204_800]
-        while time.perf_counter() - t0 < budget:
+        while time.perf_counter() - t0 < budget and not (args.distill_tokens and tokens >= args.distill_tokens):
             k = anneal(model, step) if anneal else None
             loss, met = loss_fn(model, {"input_ids": batch()})
             opt.zero_grad(set_to_none=True)
@@ -144,7 +180,7 @@ def main():
         if curve[-1]["tokens"] != tokens:
             curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
         return {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
-                "memory_free": bool(model.config.memory_free)}
+                "memory_free": bool(model.config.memory_free), "lr": lr}
 
     for name in args.distill if "distill" in phases else []:
         known = dict(recipes)
@@ -164,16 +200,11 @@ def main():
     if "cost" not in phases:
         return
     xs = [batch() for _ in range(args.cost_steps)]
-    ce = lambda model, b: (model(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})  # noqa: E731
-    src = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    res["cost"]["original fine-tune (CE)"] = step_cost(src, ce, xs)
-    src.gradient_checkpointing_enable()
-    res["cost"]["original fine-tune (CE), grad checkpointing"] = step_cost(src, ce, xs)
-    del src
-    for name, kw in [("distill midpoint_a k=4 (exact, memory-free)", dict(dynamics="midpoint_a", k=4)),
-                     ("distill midpoint_a k=4 (exact, stored)", dict(dynamics="midpoint_a", k=4, memory_free=False)),
-                     ("distill midpoint (float, memory-free)", dict(dynamics="midpoint"))]:
-        res["cost"][name] = step_cost(convert(orig, **kw), loss_fn, xs)
+    res["cost"] = {}
+    ctx = mp.get_context("spawn")  # a fresh process per row: ru_maxrss is then that row's peak alone
+    for name in COST_ROWS:
+        with ctx.Pool(1) as pool:
+            res["cost"][name] = pool.apply(_cost_row, (name, xs))
         print(name, res["cost"][name], flush=True)
     res["cost_batch"] = f"{args.batch_size}x{args.seq_len}"
     _write(res)
@@ -189,19 +220,26 @@ def _write(res):
         md.append(f"| {name} | {r['perplexity']:.4g} | {r['kl']:.4g} |")
     if res["distill"]:
         md += ["", "## Distillation (KL to the original, T = 1)", "",
-               "| model | tokens | steps | seconds | memory-free | perplexity before → after |", "|---|---|---|---|---|---|"]
+               "| model | lr | tokens | steps | seconds | memory-free | perplexity before → after |", "|---|---|---|---|---|---|---|"]
         for name, r in res["distill"].items():
             c = r["curve"]
-            md.append(f"| {name} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
+            md.append(f"| {name} | {r.get('lr', 5e-5):g} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
                       f"{c[0]['perplexity']:.4g} → {c[-1]['perplexity']:.4g} |")
         md += ["", "Curves (tokens: perplexity): " + "; ".join(
             f"{n}: " + ", ".join(f"{p['tokens']}: {p['perplexity']:.4g}" for p in r["curve"]) for n, r in res["distill"].items())]
     if res["cost"]:
         md += ["", f"## Step cost (batch {res.get('cost_batch')})", "",
-               "| step | s/step | tokens/s | saved activations (MiB) |", "|---|---|---|---|"]
+               "Each row in a fresh process; peak = RSS high-water mark (weights, optimizer state and, for",
+               "distillation, the frozen teacher included); over loaded = peak minus RSS after loading the models.", "",
+               "| step | s/step | tokens/s | saved activations (MiB) | peak RSS (MiB) | peak over loaded (MiB) |",
+               "|---|---|---|---|---|---|"]
         b, t = map(int, res["cost_batch"].split("x"))
-        for name, (sec, mib) in res["cost"].items():
-            md.append(f"| {name} | {sec:.2f} | {b * t / sec:.0f} | {mib:.1f} |")
+        for name, r in res["cost"].items():
+            if isinstance(r, list):  # rows of runs before peak RSS was measured: (s/step, saved MiB)
+                r = {"s_per_step": r[0], "saved_activations_mib": r[1], "peak_rss_mib": float("nan"),
+                     "peak_over_loaded_mib": float("nan")}
+            md.append(f"| {name} | {r['s_per_step']:.2f} | {b * t / r['s_per_step']:.0f} | "
+                      f"{r['saved_activations_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['peak_over_loaded_mib']:.0f} |")
     (OUT / "convert_smollm2.md").write_text("\n".join(md) + "\n")
     _plot(res)
 

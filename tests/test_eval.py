@@ -106,3 +106,42 @@ def test_builtin_task_file_is_well_formed():
     assert len(rows) >= 30
     assert all(0 <= r["label"] < len(r["choices"]) == 3 for r in rows)
     assert len({r["label"] for r in rows}) == 3  # gold position varies
+
+
+def test_user_task_from_include_path_scores_like_the_model(model_dir, tmp_path):
+    """A standard task's format (piqa's fields) from the user's own YAML/JSONL folder: lm-eval's accuracy
+    equals the argmax of the model's own summed continuation log-likelihoods."""
+    path, model = model_dir
+    rng = np.random.default_rng(0)
+    words = lambda n: " ".join(f"w{i}" for i in rng.integers(2, 95, n))  # noqa: E731
+    docs = [{"goal": words(5), "sol1": words(2), "sol2": words(3), "label": int(i % 2)} for i in range(8)]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "piqa_local.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "piqa_local.yaml").write_text(
+        "task: piqa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {tasks / 'piqa_local.jsonl'}\n"
+        "output_type: multiple_choice\nvalidation_split: validation\ndoc_to_text: '{{goal}}'\n"
+        "doc_to_target: label\ndoc_to_choice: '{{[sol1, sol2]}}'\ntarget_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", str(path), "--tasks", "piqa_local", "--include-path", str(tasks), "--json", str(out)]) == 0
+    acc = json.loads(out.read_text())["tasks"]["piqa_local"]["acc,none"]
+
+    tok = _tokenizer()
+
+    def loglik(ctx, cont):
+        c, x = tok(ctx)["input_ids"], tok(cont)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([c + x])).logits[0].double(), -1)
+        return sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(x))
+
+    want = np.mean([int(np.argmax([loglik(d["goal"], d["sol1"]), loglik(d["goal"], d["sol2"])]) == d["label"])
+                    for d in docs])
+    assert acc == pytest.approx(want)
+
+
+def test_missing_include_path_is_one_line_error(model_dir, tmp_path, capsys):
+    path, _ = model_dir
+    assert main(["eval", str(path), "--tasks", "piqa_local", "--include-path", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
