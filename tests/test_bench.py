@@ -216,3 +216,17 @@ def test_capacity_resume_reuses_finished_search_and_measures_missing_throughput(
     prev = [{**prev[0], "config": "euler", "max_batch": 5}, prev[0]]
     res = capacity.capacity_table(["euler", "midpoint"], [16], Spec(**TINY), worker=counting, resume_rows=prev)
     assert res["rows"][1]["vs_a"] == pytest.approx(100 * ((40 / 48) / (5 / 6) - 1))
+
+
+def test_atomic_write_leaves_no_temp_and_a_readable_file(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "r" / "t.json"
+    report.atomic_write(target, '{"a": 1}\n')
+    report.atomic_write(target, '{"a": 2}\n')  # replaces
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["t.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
