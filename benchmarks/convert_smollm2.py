@@ -113,6 +113,8 @@ def main():
     ap.add_argument("--distill", nargs="+", default=["midpoint_a k=4"],
                     help="conversions to distill, by their name in the before-training table (e.g. leapfrog)")
     ap.add_argument("--anneal-minutes", type=float, default=0.0)
+    ap.add_argument("--anneal-tokens", type=int, default=0,
+                    help="a-annealing run (k 4 -> 0) of this many tokens: k falls over the first 80%%, the rest trains at k=0")
     ap.add_argument("--cost-steps", type=int, default=3)
     ap.add_argument("--phases", default="before,distill,cost",
                     help="comma list of before, distill, cost; results of other phases are kept from the JSON")
@@ -158,14 +160,15 @@ def main():
         s = torch.randint(0, len(train) - args.seq_len, (args.batch_size,), generator=rng)
         return torch.stack([train[i : i + args.seq_len] for i in s.tolist()])
 
-    def distill(model, minutes, anneal=None, label=""):
+    def distill(model, minutes, anneal=None, label="", max_tokens=None):
         lr = args.distill_lr or args.lr
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         model.train()
         curve, tokens, t0, step = [{"tokens": 0, "perplexity": ev(model)}], 0, time.perf_counter(), 0
         budget = minutes * 60
         marks = [12_800, 25_600, 51_200, 102_400, 204_800]
-        while time.perf_counter() - t0 < budget and not (args.distill_tokens and tokens >= args.distill_tokens):
+        max_tokens = max_tokens or args.distill_tokens
+        while time.perf_counter() - t0 < budget and not (max_tokens and tokens >= max_tokens):
             k = anneal(model, step) if anneal else None
             loss, met = loss_fn(model, {"input_ids": batch()})
             opt.zero_grad(set_to_none=True)
@@ -173,8 +176,10 @@ def main():
             opt.step()
             step, tokens = step + 1, tokens + args.batch_size * args.seq_len
             print(f"{label} step {step} tokens {tokens} kl {met['kl']:.4f} k {k}", flush=True)
-            if marks and tokens >= marks[0]:
-                marks.pop(0)
+            # evaluate at the token marks, and (annealing) at the end of each k level
+            next_k = anneal.k_at(step) if anneal else k
+            if (marks and tokens >= marks[0]) or next_k != k:
+                marks = [t for t in marks if t > tokens]
                 curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
                 print(label, curve[-1], flush=True)
         if curve[-1]["tokens"] != tokens:
@@ -189,11 +194,15 @@ def main():
         m = convert(orig, **(known[name] or {"dynamics": "euler"}))
         res["distill"][name] = distill(m, args.distill_minutes, label=name)
         _write(res)
-    if args.anneal_minutes > 0:
+    if args.anneal_minutes > 0 or args.anneal_tokens > 0:
         m = convert(orig, dynamics="midpoint_a", k=4)
-        est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
-        res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, args.anneal_minutes, AnnealA(4, 0, int(est_steps * 0.8)),
-                                                               label="anneal")
+        if args.anneal_tokens:
+            est_steps, minutes = args.anneal_tokens // (args.batch_size * args.seq_len), 1e9
+        else:
+            est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
+            minutes = args.anneal_minutes
+        res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, minutes, AnnealA(4, 0, int(est_steps * 0.8)),
+                                                               label="anneal", max_tokens=args.anneal_tokens or None)
         _write(res)
 
     # -- 3. step cost ----------------------------------------------------------------------------------
