@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, REVERSIBLE, tiny_model
+from revllm.bench.configs import SavedBytes
 
 
 def _grads(model, ids, memory_free, seed):
@@ -41,18 +42,10 @@ def test_memory_free_gradients_match_stored(dynamics, block, layers, dropout):
 
 
 def _saved_bytes(model, ids):
-    params = {p.data_ptr() for p in model.parameters()}
-    total = [0]
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model) as meter:  # the project's one meter: unique storages, weights excluded
         loss = model(ids, labels=ids).loss
     loss.backward()
-    return total[0]
+    return meter.bytes
 
 
 @pytest.mark.parametrize("dynamics", REVERSIBLE)
