@@ -244,9 +244,6 @@ def _write(res):
                "|---|---|---|---|---|---|"]
         b, t = map(int, res["cost_batch"].split("x"))
         for name, r in res["cost"].items():
-            if isinstance(r, list):  # rows of runs before peak RSS was measured: (s/step, saved MiB)
-                r = {"s_per_step": r[0], "saved_activations_mib": r[1], "peak_rss_mib": float("nan"),
-                     "peak_over_loaded_mib": float("nan")}
             md.append(f"| {name} | {r['s_per_step']:.2f} | {b * t / r['s_per_step']:.0f} | "
                       f"{r['saved_activations_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['peak_over_loaded_mib']:.0f} |")
     (OUT / "convert_smollm2.md").write_text("\n".join(md) + "\n")
