@@ -23,6 +23,7 @@ from ..blocks import BACKBONES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
 from ..engine import DriftMonitor, Stack, run_stack
+from ..engine.streams import make_streams
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
 
@@ -156,13 +157,17 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if memory_free and self.gradient_checkpointing:
             warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
         if caching:
+            # The plain loop, on the same streams as the engine (int64 fixed point in exact mode), so a
+            # cached forward follows the very trajectory of the uncached one.
             stack.block_kwargs = dict(block_kwargs)
-            x = (x0, y0)
+            streams = make_streams(self.dynamics, exact_bits)
+            X, Y = streams.encode(x0), streams.encode(y0)
             for j, block in enumerate(stack.blocks):
                 stack.block_kwargs["cache"] = block_kwargs["cache"].at(j)
                 for part in self.dynamics.parts:
-                    x = (x[1], self.dynamics.step(j, x[0], x[1], stack.f(block, part, x[1])))
-            _, yL = x
+                    X, Y = Y, streams.step(j, X, Y, stack.f(block, part, streams.decode(Y, y0.dtype)))[0]
+            streams.check()
+            yL = streams.decode(Y, y0.dtype)
         elif not memory_free and self.gradient_checkpointing and torch.is_grad_enabled():
             _, yL = self._checkpointed_stack(x0, y0, stack)
         else:
