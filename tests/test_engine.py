@@ -144,3 +144,12 @@ def test_activation_checkpointing_matches_stored():
     model(ids, labels=ids).loss.backward()
     for r, p in zip(ref, model.parameters()):
         assert torch.allclose(r, p.grad, atol=1e-6)
+
+
+def test_activation_checkpointing_in_exact_mode_says_it_runs_float_streams():
+    model = tiny_model(dynamics="midpoint_a", midpoint_a=1 / 16, exact_reversal=True, memory_free=False).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 97, (2, 8))
+    with pytest.warns(UserWarning, match="activation checkpointing runs float streams"):
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.model.layers.parameters())

@@ -185,7 +185,13 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
     def _checkpointed_stack(self, x, y, stack: Stack):
-        """Stored path with per-layer activation checkpointing (HF's gradient checkpointing)."""
+        """Stored path with per-layer activation checkpointing (HF's gradient checkpointing).
+
+        It runs float streams: autograd cannot carry gradients through int64 fixed point, so in exact
+        mode this is the float trajectory (rounding-level different from the exact one)."""
+        if stack.exact_bits is not None:
+            warnings.warn("activation checkpointing runs float streams; exact_reversal's fixed-point "
+                          "trajectory is kept by memory_free=True or by the stored path without checkpointing")
 
         def layer(j, block, x, y):
             for part in self.dynamics.parts:
