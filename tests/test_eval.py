@@ -141,6 +141,61 @@ def test_user_task_from_include_path_scores_like_the_model(model_dir, tmp_path):
     assert acc == pytest.approx(want)
 
 
+def _loglik(model, tok, ctx, cont):
+    c, x = tok(ctx)["input_ids"], tok(cont)["input_ids"]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([c + x])).logits[0].double(), -1)
+    return sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(x))
+
+
+def test_standard_tasks_run_lm_evals_own_configs_on_local_data(model_dir, tmp_path):
+    """--task-data: piqa, arc_easy, hellaswag and winogrande from JSONL in their datasets' fields, scored by
+    lm-eval's own task configs. The piqa and winogrande labels are set to the model's choice under those
+    configs (piqa's "Question: ...\nAnswer:" prompt; winogrande's partial scoring by its preprocess
+    functions), so both score 1.0 exactly when lm-eval's configs ran; naive scorings disagree."""
+    path, model = model_dir
+    tok = _tokenizer()
+    rng = np.random.default_rng(1)
+    words = lambda n: " ".join(f"w{i}" for i in rng.integers(2, 95, n))  # noqa: E731
+    pick = lambda scores: int(np.argmax(scores))  # noqa: E731
+    n = 10
+    piqa = [{"goal": words(4), "sol1": words(2), "sol2": words(2)} for _ in range(n)]
+    for d in piqa:
+        d["label"] = pick([_loglik(model, tok, f"Question: {d['goal']}\nAnswer:", s) for s in (d["sol1"], d["sol2"])])
+    wino = [{"sentence": f"{words(3)} _ {words(3)}", "option1": words(1), "option2": words(1)} for _ in range(n)]
+    for d in wino:
+        pre, post = d["sentence"].split(" _ ")
+        d["answer"] = str(1 + pick([_loglik(model, tok, f"{pre} {o}", post) for o in (d["option1"], d["option2"])]))
+    # the naive alternatives (bare goal; the option scored after the prefix) disagree somewhere
+    assert any(pick([_loglik(model, tok, d["goal"], s) for s in (d["sol1"], d["sol2"])]) != d["label"] for d in piqa)
+    assert any(str(1 + pick([_loglik(model, tok, d["sentence"].split(" _ ")[0], o) for o in (d["option1"], d["option2"])]))
+               != d["answer"] for d in wino)
+    docs = {
+        "piqa": piqa,
+        "arc_easy": [{"id": str(i), "question": words(5), "answerKey": "ABCD"[i % 4],
+                      "choices": {"text": [words(2) for _ in range(4)], "label": list("ABCD")}} for i in range(n)],
+        "hellaswag": [{"ind": i, "activity_label": words(1), "ctx_a": words(4), "ctx_b": words(2),
+                       "endings": [words(3) for _ in range(4)], "label": str(i % 4)} for i in range(n)],
+        "winogrande": wino,
+    }
+    data = tmp_path / "taskdata"
+    data.mkdir()
+    for t, ds in docs.items():
+        (data / f"{t}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ds))
+    out = tmp_path / "r.json"
+    assert main(["eval", str(path), "--tasks", ",".join(docs), "--task-data", str(data), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["tasks"]
+    assert set(docs) <= set(res) and all(0.0 <= res[t]["acc,none"] <= 1.0 for t in docs)
+    assert res["piqa"]["acc,none"] == 1.0 and res["winogrande"]["acc,none"] == 1.0
+
+
+def test_task_data_without_the_file_is_one_line_error(model_dir, tmp_path, capsys):
+    path, _ = model_dir
+    assert main(["eval", str(path), "--tasks", "hellaswag", "--task-data", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "has no hellaswag.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
 def test_missing_include_path_is_one_line_error(model_dir, tmp_path, capsys):
     path, _ = model_dir
     assert main(["eval", str(path), "--tasks", "piqa_local", "--include-path", str(tmp_path / "nope")]) == 2

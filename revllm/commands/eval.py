@@ -3,7 +3,8 @@
 MODEL is a run directory, a checkpoint, an HF model directory (revllm or not), a .gguf file or
 ``smollm2``. ``--data DIR`` scores DIR/val.bin; ``--text FILE`` tokenizes FILE with the model's
 tokenizer; ``--tasks a,b`` runs zero-shot tasks through lm-eval's HFLM (built-in: revllm_commonsense;
-standard tasks via --include-path or local data).
+standard tasks on local data: ``--task-data DIR`` with DIR/piqa.jsonl, ... in the datasets' own fields,
+run by lm-eval's own task configs; or your own YAMLs with ``--include-path``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--text", help="raw UTF-8 text file to score")
     p.add_argument("--tasks", help="comma-separated lm-eval task names (e.g. revllm_commonsense,piqa)")
     p.add_argument("--include-path", action="append", help="folder of local lm-eval task YAMLs (repeatable)")
+    p.add_argument("--task-data", help="folder of {task}.jsonl (validation split, the dataset's fields) for the "
+                   "standard tasks piqa, arc_easy, arc_challenge, hellaswag, winogrande")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default min(512, model maximum))")
     p.add_argument("--batch-size", type=int, default=4)
@@ -58,7 +61,8 @@ def run(args):
         from ..eval.harness import run_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        res = run_tasks(model, tokenizer, tasks, args.include_path, args.batch_size, args.limit, max_length=max_pos)
+        res = run_tasks(model, tokenizer, tasks, args.include_path, args.batch_size, args.limit, max_length=max_pos,
+                        task_data=args.task_data)
         results["tasks"] = res
         print("| task | metric | value |\n|---|---|---|")
         for task, metrics in res.items():

@@ -1,8 +1,9 @@
 """Zero-shot tasks through lm-eval's ``HFLM`` wrapper, offline.
 
 Standard tasks (piqa, arc_easy, hellaswag, winogrande, ...) resolve through lm-eval's registry and
-need their data available locally (a populated HF datasets cache, or local YAMLs passed with
-``include_path``). The built-in ``revllm_commonsense`` task ships with revllm (revllm/eval/tasks); its
+need their data available locally: a populated HF datasets cache, local YAMLs passed with
+``include_path``, or ``task_data``, a folder of ``{task}.jsonl`` files (the validation split in the
+dataset's own fields) on which lm-eval's own task configs run unchanged (prompts, preprocessing, metrics). The built-in ``revllm_commonsense`` task ships with revllm (revllm/eval/tasks); its
 YAML names its JSONL by a ``{{DATA_DIR}}`` placeholder, rendered into a temporary include folder here,
 because lm-eval resolves ``data_files`` relative to the working directory.
 """
@@ -25,9 +26,39 @@ def _render_builtin(dst: Path) -> None:
         (dst / y.name).write_text(y.read_text().replace("{{DATA_DIR}}", str(TASKS_DIR.resolve())))
 
 
+# lm-eval's own configs of the standard zero-shot tasks (relative to lm_eval/tasks).
+STANDARD_TASKS = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                  "hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml"}
+
+
+def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
+    """For each standard task, a YAML that includes lm-eval's own config and only swaps the dataset for
+    ``data_dir/{task}.jsonl``. Its ``!function`` hooks resolve next to the included file, as usual."""
+    import lm_eval
+    import yaml
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"task data folder {data_dir} is not a directory")
+    chosen = [t for t in tasks if t in STANDARD_TASKS]
+    if not chosen:
+        raise RevLLMError(f"--task-data serves the standard tasks {', '.join(STANDARD_TASKS)}; none was asked for")
+    root = Path(lm_eval.__file__).parent / "tasks"
+    for t in chosen:
+        f = data_dir / f"{t}.jsonl"
+        if not f.is_file():
+            raise RevLLMError(f"{data_dir} has no {t}.jsonl (the task's validation split, one document per line, "
+                              "in the dataset's own fields)")
+        cfg = {"include": str(root / STANDARD_TASKS[t]), "task": t, "dataset_path": "json", "dataset_name": None,
+               "dataset_kwargs": {"data_files": {"validation": str(f.resolve())}},
+               "training_split": None, "validation_split": "validation", "test_split": None}
+        (dst / f"{t}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
 def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size: int = 4, limit=None,
-              device: str | None = None, max_length: int | None = None) -> dict:
-    """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics)."""
+              device: str | None = None, max_length: int | None = None, task_data=None) -> dict:
+    """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics).
+    ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring)."""
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -40,6 +71,8 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
         raise ValueError("no tasks given")
     with tempfile.TemporaryDirectory(prefix="revllm-tasks-") as tmp:
         _render_builtin(Path(tmp))
+        if task_data is not None:
+            _render_local_standard(Path(tmp), list(tasks), task_data)
         paths = [tmp] + ([str(p) for p in include_path] if include_path else [])
         for p in paths[1:]:
             if not Path(p).is_dir():
@@ -51,7 +84,7 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
         unknown = [t for t in tasks if not tm.match_tasks([t])]
         if unknown:
             raise RevLLMError(f"unknown task(s) {', '.join(unknown)}; built-in: {', '.join(builtin_tasks())}; "
-                              "standard lm-eval tasks need --include-path or their local data")
+                              "standard lm-eval tasks need their local data (--task-data or --include-path)")
         device = device or str(next(model.parameters()).device)
         kw = {"max_length": max_length} if max_length else {}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **kw)
