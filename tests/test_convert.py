@@ -1,4 +1,5 @@
 """Conversion of tiny random GPT-2 / Llama / Qwen2 HF models: weights, logits, gradients, save/load."""
+import json
 import warnings
 
 import pytest
@@ -268,6 +269,27 @@ def test_cli_finetune_lora_sft_and_anneal(tmp_path):
     assert back.config.midpoint_a == 0.5  # k annealed 3 -> 1
     assert not any("lora" in k for k in back.state_dict())  # adapters merged
     assert cli_main(["finetune", str(tmp_path / "conv"), "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_annealed_finetune_resumes_its_schedule_bit_identically(tmp_path):
+    """An a-annealing run interrupted at step 2 and resumed equals the uninterrupted run bit for bit: the
+    schedule (RUN/anneal.json) continues from the checkpoint's step instead of being lost."""
+    from revllm.convert.distill import AnnealA
+    from revllm.convert.finetune import finetune
+
+    data = _token_dir(tmp_path / "tok")
+    opts = dict(max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2,
+                progress=False)
+    conv = lambda: convert(tiny_hf("llama", dtype=torch.float32), k=3)  # noqa: E731
+    full = finetune(conv(), data, tmp_path / "full", anneal=AnnealA(3, 1, 4), **opts)["model"]
+    finetune(conv(), data, tmp_path / "cut", anneal=AnnealA(3, 1, 4), stop_after=2, **opts)
+    assert json.loads((tmp_path / "cut" / "anneal.json").read_text()) == {"k_start": 3, "k_end": 1, "steps": 4}
+    resumed = finetune(None, data, tmp_path / "cut", resume=True, **opts)["model"]
+    assert resumed.config.midpoint_a == full.config.midpoint_a == 0.5
+    ref = full.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in resumed.state_dict().items())
+    with pytest.raises(RevLLMError, match="continues the run's own"):
+        finetune(None, data, tmp_path / "cut", resume=True, anneal=AnnealA(3, 1, 4), **opts)
 
 
 @pytest.mark.slow

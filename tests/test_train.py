@@ -56,6 +56,17 @@ def test_resume_bit_identical(tmp_path, token_dir, dropout):
     assert steps == [str(i) for i in range(1, 7)]
 
 
+def test_run_stopped_by_stop_after_resumes_to_max_steps(tmp_path, token_dir):
+    """stop_after (like max_time) limits one invocation: a plain --resume runs on to max_steps, and the
+    result equals the uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_train_config(token_dir, full))
+    assert train(tiny_train_config(token_dir, part, stop_after=2))["steps"] == 2
+    s = train(tiny_train_config(token_dir, part, resume=True), explicit={"resume", "out"})
+    assert s["steps"] == 6
+    _assert_same(_weights(part), _weights(full))
+
+
 def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run))

@@ -64,7 +64,7 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
     anneal = None
     if args.anneal_a is not None:
         if model is None:
-            raise ValueError("--anneal-a cannot be combined with --resume")
+            raise ValueError("--resume continues the run's own a-annealing schedule (RUN/anneal.json): drop --anneal-a")
         if model.config.dynamics != "midpoint_a":
             raise ValueError(f"--anneal-a needs a midpoint_a model, not {model.config.dynamics}")
         anneal = AnnealA(round(-math.log2(model.config.midpoint_a)), args.anneal_a, args.steps)

@@ -42,6 +42,32 @@ class AnnealedLoss:
         return self.loss_fn(model, batch)
 
 
+def _anneal_schedule(run: Path, anneal, resume: bool):
+    """(schedule, first step). A new annealed run records its schedule in RUN/anneal.json; ``resume``
+    continues that schedule from the latest good checkpoint's step."""
+    import json
+
+    from ..train.checkpoint import latest_good, list_checkpoints, verify
+    from .distill import AnnealA
+
+    path = run / "anneal.json"
+    if not resume:
+        if anneal is not None and not list_checkpoints(run):  # (a run with checkpoints is refused by the loop)
+            run.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"k_start": anneal.k_start, "k_end": anneal.k_end, "steps": anneal.steps}))
+            tmp.replace(path)
+        return anneal, 0
+    if anneal is not None:
+        raise RevLLMError("--resume continues the run's own a-annealing schedule (RUN/anneal.json): give no new one")
+    ckpt = latest_good(run)
+    if not path.is_file() or ckpt is None:
+        return None, 0
+    s = json.loads(path.read_text())
+    step = json.loads((verify(ckpt) / "trainer_state.json").read_text())["step"]
+    return AnnealA(s["k_start"], s["k_end"], s["steps"]), step
+
+
 def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal=None, tokenizer=None,
              resume: bool = False, **train_options) -> dict:
     """Distill (``teacher`` given) or SFT ``model`` on a token directory with the project's training loop.
@@ -53,7 +79,7 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
         teacher: frozen original model; default loss then is ``DistillLoss(teacher)``.
         loss_fn: overrides the loss (``loss_fn(model, batch) -> (loss, metrics)``).
         lora: LoRA rank (0: full fine-tuning).
-        anneal: optional ``AnnealA`` (midpoint_a's a toward 1).
+        anneal: optional ``AnnealA`` (midpoint_a's a toward 1); kept in RUN/anneal.json, and continued on ``resume``.
         **train_options: TrainConfig fields (max_steps, batch_size, seq_len, lr, warmup, eval_interval, ...).
     Returns the loop's summary dict plus ``model`` (the trained, merged model).
     """
@@ -63,6 +89,7 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
 
     if lora and resume:
         raise RevLLMError("--resume with --lora is not supported: checkpoints of a LoRA run hold the adapters only")
+    anneal, start_step = _anneal_schedule(Path(out), anneal, resume)
     if loss_fn is None and teacher is not None:
         loss_fn = DistillLoss(teacher)
     if model is not None:
@@ -74,7 +101,7 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
     cfg = build_config(overrides={"data": str(data), "out": str(out), "resume": resume, **train_options})
     if anneal is not None:
         loss_fn = AnnealedLoss(loss_fn or (lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})),
-                               anneal, cfg.grad_accum)
+                               anneal, cfg.grad_accum, start_step)
     # On --resume the checkpoint's config rules, except the run-length/bookkeeping keys given here.
     explicit = {k for k, v in train_options.items() if k in RESUME_MUTABLE and v is not None} | {"data"}
     summary = train(cfg, model=model, loss_fn=loss_fn, teacher=teacher, explicit=explicit)

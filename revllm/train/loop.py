@@ -80,7 +80,10 @@ def _resolve_resume(cfg, explicit):
             raise RevLLMError(f"--resume: {k} cannot change ({stored.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} given)")
     keep = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k in (explicit or ()) or k in ("out", "resume", "progress")}
     keep.setdefault("data", stored.get("data"))
-    return build_config(base=stored, overrides=keep).validate(), ckpt, meta, opt_state, rng
+    new = build_config(base=stored, overrides=keep)
+    # stop_after / max_time limit one invocation: never inherited from the run that stopped (None included).
+    new.stop_after, new.max_time = cfg.stop_after, cfg.max_time
+    return new.validate(), ckpt, meta, opt_state, rng
 
 
 def _new_model(cfg, data, seed):
