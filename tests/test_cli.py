@@ -137,3 +137,14 @@ def test_kill9_then_resume_bit_identical(tmp_path, token_dir):
     assert main(["train", "--out", str(full), *map(str, args)]) == 0
     a, b = ckpt_io.load_model(killed).state_dict(), ckpt_io.load_model(full).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offline_reaches_huggingface_hub_already_imported(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from revllm.commands.common import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # as if imported before offline() ran
+    offline()
+    assert hub.HF_HUB_OFFLINE is True

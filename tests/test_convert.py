@@ -292,6 +292,91 @@ def test_annealed_finetune_resumes_its_schedule_bit_identically(tmp_path):
         finetune(None, data, tmp_path / "cut", resume=True, anneal=AnnealA(3, 1, 4), **opts)
 
 
+def _tiny_run_flags(data, out):
+    return ["--data", str(data), "--out", str(out), "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
+            "--eval-interval", "2", "--checkpoint-interval", "2", "--warmup", "0"]
+
+
+def test_cli_finetune_resume_keeps_the_runs_settings(tmp_path):
+    """A stopped run resumed with no training flags runs to its own --steps with its own settings; a flag
+    that cannot change (lr) is refused in one line instead of being dropped."""
+    from revllm.cli import main as cli_main
+
+    rev = convert(tiny_hf("llama", dtype=torch.float32), k=3)
+    save_converted(rev, tmp_path / "conv")
+    data, run = _token_dir(tmp_path / "tok"), tmp_path / "run"
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--steps", "4", "--max-time", "1e-9",
+                     *_tiny_run_flags(data, run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1  # stopped after its first step
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--resume", "--lr", "5e-5",
+                     "--data", str(data), "--out", str(run)]) == 2
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--resume", "--data", str(data), "--out", str(run)]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == 4 and s["config"]["lr"] == 1e-3 and s["config"]["seq_len"] == 16
+
+
+def test_cli_convert_distill_resume_continues_the_distilled_student(tmp_path, capsys):
+    """convert --distill stopped early, then --resume: OUT gets the resumed run's final student (equal to
+    OUT.run/model), not a fresh conversion; a trailing slash on OUT keeps OUT.run beside OUT."""
+    from revllm.cli import main as cli_main
+
+    tiny_hf("llama", dtype=torch.float32).save_pretrained(tmp_path / "hf")
+    data, out = _token_dir(tmp_path / "tok"), tmp_path / "out"
+    flags = ["--batch-size", "2", "--seq-len", "16", "--lr", "1e-3", "--eval-interval", "2", "--checkpoint-interval", "2",
+             "--warmup", "0"]
+    assert cli_main(["convert", str(tmp_path / "hf"), str(out) + "/", "--k", "3", "--distill", str(data), "--steps", "4",
+                     "--max-time", "1e-9", *flags]) == 0
+    assert (tmp_path / "out.run" / "checkpoints").is_dir() and not (out / ".run").exists()
+    assert json.loads((out / "conversion_report.json").read_text())["distill"]["steps"] == 1
+    assert cli_main(["convert", str(tmp_path / "hf"), str(out), "--k", "3", "--distill", str(data), "--resume"]) == 0
+    assert json.loads((out / "conversion_report.json").read_text())["distill"]["steps"] == 4
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out.run" / "model").state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in final.items())
+    fresh = convert(tiny_hf("llama", dtype=torch.float32), k=3).state_dict()
+    assert not all(torch.equal(v, fresh[k]) for k, v in final.items())
+    capsys.readouterr()
+    # a non-empty OUT that is not this run's is refused before any work
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "busy"), "--distill", str(data)]) == 2
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert not (tmp_path / "busy.run").exists() and (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_finetune_inputs_are_one_line_errors(tmp_path, capsys):
+    from revllm.cli import main as cli_main
+    from revllm.convert.distill import DistillLoss
+
+    data = _token_dir(tmp_path / "tok")
+    # --anneal-a on a from-scratch midpoint_a model (random a, no single 2^-k)
+    scratch = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(block="llama", dynamics="midpoint_a", num_hidden_layers=2,
+                                                           hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                           intermediate_size=64, vocab_size=97))
+    scratch.save_pretrained(tmp_path / "scratch")
+    assert cli_main(["finetune", str(tmp_path / "scratch"), "--sft", "--anneal-a", "0", "--steps", "2",
+                     *_tiny_run_flags(data, tmp_path / "r1")]) == 2
+    assert "needs one coefficient a = 2^-k" in capsys.readouterr().err
+    # a teacher with another vocabulary
+    student = convert(tiny_hf("llama", dtype=torch.float32), k=3)
+    teacher = tiny_hf("llama", dtype=torch.float32)
+    teacher.resize_token_embeddings(120)
+    with pytest.raises(RevLLMError, match=r"teacher's vocabulary \(120 tokens\) differs from the student's \(97\)"):
+        DistillLoss(teacher).check(student)
+
+
+def test_save_model_atomic_recovers_from_an_interrupted_earlier_save(tmp_path):
+    from revllm.convert.from_hf import save_model_atomic
+
+    rev = convert(tiny_hf("llama", dtype=torch.float32), k=3)
+    stale = tmp_path / ".model.old"
+    stale.mkdir()
+    (stale / "x").write_text("left by a crash between the two renames")
+    save_model_atomic(rev, tmp_path / "model")
+    save_model_atomic(rev, tmp_path / "model")  # replaces an existing model too
+    assert (tmp_path / "model" / "config.json").is_file() and not stale.exists()
+
+
 @pytest.mark.slow
 def test_real_smollm2_euler_conversion_matches_and_generates():
     """The real SmolLM2-135M-Instruct (cached fp32 copy of the GGUF): euler reproduces it; near-Euler stays close."""

@@ -200,3 +200,24 @@ def test_missing_include_path_is_one_line_error(model_dir, tmp_path, capsys):
     path, _ = model_dir
     assert main(["eval", str(path), "--tasks", "piqa_local", "--include-path", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_eval_number_options_are_checked(model_dir, capsys):
+    path, _ = model_dir
+    for flag, value in (("--batch-size", "-1"), ("--max-tokens", "0"), ("--limit", "0"), ("--seq-len", "0")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(path), "--tasks", "revllm_commonsense", flag, value])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert main(["eval", str(path), "--tasks", "revllm_commonsense", "--seq-len", "1"]) == 2
+    assert "at least 2 tokens" in capsys.readouterr().err
+
+
+def test_generate_with_an_eos_list_and_refuses_an_empty_prompt(model_dir, capsys):
+    path, _ = model_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["eos_token_id"] = [1, 5]  # a list, as Llama-3-style configs have
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(path), "--prompt", "w3 w4", "--max-new-tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("w3 w4")
+    assert main(["generate", str(path), "--prompt", "   ", "--greedy"]) == 2
+    assert "the prompt has no tokens" in capsys.readouterr().err

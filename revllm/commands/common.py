@@ -10,6 +10,11 @@ def offline():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (importing revllm already did): set its constant too.
+    import huggingface_hub.constants as hub
+
+    if os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"):
+        hub.HF_HUB_OFFLINE = True
 
 
 def positive_int(s: str) -> int:

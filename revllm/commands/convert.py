@@ -38,19 +38,35 @@ def add_parser(sub):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--report-text", help="text file: report perplexity of both models and KL before training")
     p.add_argument("--report-tokens", type=int, default=4096, help="tokens of --report-text to score (default 4096)")
-    p.add_argument("--distill", metavar="DATA", help="distill right after converting, on a token dir or text file")
+    p.add_argument("--distill", metavar="DATA", help="distill right after converting, on a token dir from `revllm data` "
+                   "(the run goes to OUT.run; --resume continues it)")
     add_training_args(p)
     p.set_defaults(func=run)
 
 
 def run(args):
+    from pathlib import Path
+
     import torch
 
+    from ..bench.report import atomic_write
     from ..convert import convert, load_source, load_source_tokenizer, save_converted
+    from ..convert.from_hf import save_model_atomic
+    from ..errors import RevLLMError
     from ..train.checkpoint import resolve_model_dir
     from .common import offline
+    from .finetune import apply_training_defaults
 
     offline()
+    out = Path(args.out).resolve()
+    if args.resume and not args.distill:
+        raise RevLLMError("--resume continues a --distill run: give --distill DATA too")
+    # Refuse before any work, not after it. On --resume, OUT may hold the stopped run's own conversion.
+    ours = args.resume and (out / "conversion_report.json").is_file()
+    if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
+        raise RevLLMError(f"output {out} exists and is not an empty directory")
+    apply_training_defaults(args)
+    win = args.seq_len or 128  # the report's windows (--seq-len; on --resume that flag stays the run's)
     dtype = getattr(torch, args.dtype)
     src_path = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     original = load_source(src_path, dtype)
@@ -64,9 +80,9 @@ def run(args):
         if tokenizer is None:
             raise ValueError("--report-text needs the source's tokenizer, and none was found")
         ids = read_text_tokens(tokenizer, args.report_text)[: args.report_tokens]
-        report["original_ppl"] = evaluate_perplexity(original, ids, seq_len=args.seq_len)["perplexity"]
-        report["converted_ppl"] = evaluate_perplexity(model, ids, seq_len=args.seq_len)["perplexity"]
-        report["kl_original_converted"] = kl_divergence(original, model, ids, seq_len=args.seq_len)
+        report["original_ppl"] = evaluate_perplexity(original, ids, seq_len=win)["perplexity"]
+        report["converted_ppl"] = evaluate_perplexity(model, ids, seq_len=win)["perplexity"]
+        report["kl_original_converted"] = kl_divergence(original, model, ids, seq_len=win)
         report["report_tokens"] = len(ids)
         print(f"| model | perplexity |\n|---|---|\n| original | {report['original_ppl']:.3f} |\n"
               f"| converted ({args.dynamics}) | {report['converted_ppl']:.3f} |\n"
@@ -74,10 +90,13 @@ def run(args):
     if args.distill:
         from .finetune import run_finetune
 
-        summary = run_finetune(model, original, tokenizer, args.distill, args.out + ".run", args, distill=True)
+        # --resume: the student comes from the run's latest good checkpoint, not from this conversion
+        summary = run_finetune(None if args.resume else model, original, tokenizer, args.distill,
+                               out.with_name(out.name + ".run"), args, distill=True)
         model = summary.pop("model")
         report["distill"] = summary
-    out = save_converted(model, args.out, tokenizer)
-    (out / "conversion_report.json").write_text(json.dumps(report, indent=1))
+    # (resumed: the whole directory, report included, is swapped for the new one)
+    out = save_converted(model, out, tokenizer) if not ours else save_model_atomic(model, out, tokenizer)
+    atomic_write(out / "conversion_report.json", json.dumps(report, indent=1))
     print(f"saved {args.dynamics} conversion of {args.src} to {out}")
     return 0

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+
+from .common import positive_int
 
 
 def add_parser(sub):
@@ -23,10 +27,10 @@ def add_parser(sub):
     p.add_argument("--include-path", action="append", help="folder of local lm-eval task YAMLs (repeatable)")
     p.add_argument("--task-data", help="folder of {task}.jsonl (validation split, the dataset's fields) for the "
                    "standard tasks piqa, arc_easy, arc_challenge, hellaswag, winogrande")
-    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default min(512, model maximum))")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length >= 2 (default min(512, model maximum))")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most this many tokens")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -45,6 +49,8 @@ def run(args):
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if args.seq_len is None:
         args.seq_len = min(512, max_pos or 512)
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len {args.seq_len}: a window needs at least 2 tokens (one to predict from)")
     if max_pos and args.seq_len > max_pos:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     for name, path in (("data", args.data), ("text", args.text)):
@@ -70,6 +76,7 @@ def run(args):
                 if isinstance(v, float) and "stderr" not in m:
                     print(f"| {task} | {m.split(',')[0]} | {v:.4f} |")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        from ..bench.report import atomic_write
+
+        atomic_write(Path(args.json_out), json.dumps(results, indent=1, default=str))
     return 0

@@ -11,16 +11,24 @@ import json
 from pathlib import Path
 
 
+# Defaults of a new run. They are not argparse defaults: on --resume an unset flag keeps the run's own value.
+TRAINING_DEFAULTS = dict(steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=10, seed=0, eval_interval=50,
+                         checkpoint_interval=100)
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fine-tuning (the `revllm train` loop)")
-    g.add_argument("--steps", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--warmup", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-interval", type=int, default=50)
-    g.add_argument("--checkpoint-interval", type=int, default=100)
+    from .common import positive_int
+
+    d = TRAINING_DEFAULTS
+    g = p.add_argument_group("fine-tuning (the `revllm train` loop; on --resume, unset flags keep the run's values)")
+    g.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d['steps']})")
+    g.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {d['batch_size']})")
+    g.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default {d['seq_len']})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']:g}; cosine to lr/10)")
+    g.add_argument("--warmup", type=int, help=f"warm-up steps (default {d['warmup']})")
+    g.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    g.add_argument("--eval-interval", type=positive_int, help=f"(default {d['eval_interval']})")
+    g.add_argument("--checkpoint-interval", type=positive_int, help=f"(default {d['checkpoint_interval']})")
     g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
     g.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
@@ -50,11 +58,18 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> dict:
-    import math
+def apply_training_defaults(args) -> None:
+    """A new run gets TRAINING_DEFAULTS for unset flags; a resumed one keeps its checkpoint's values."""
+    if not args.resume:
+        for k, v in TRAINING_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
 
+
+def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> dict:
     from ..convert.distill import AnnealA, DistillLoss
     from ..convert.finetune import finetune
+    from ..dynamics.fixedpoint import dyadic
 
     loss_fn = None
     if distill:
@@ -67,10 +82,15 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
             raise ValueError("--resume continues the run's own a-annealing schedule (RUN/anneal.json): drop --anneal-a")
         if model.config.dynamics != "midpoint_a":
             raise ValueError(f"--anneal-a needs a midpoint_a model, not {model.config.dynamics}")
-        anneal = AnnealA(round(-math.log2(model.config.midpoint_a)), args.anneal_a, args.steps)
+        a = model.config.midpoint_a
+        d = dyadic(a) if isinstance(a, (int, float)) and 0 < a <= 1 else None
+        if d is None or d[0] != 1:  # a single a = 2^-k, as a conversion sets it
+            raise ValueError(f"--anneal-a needs one coefficient a = 2^-k (a converted near-Euler model); got midpoint_a={a!r}")
+        anneal = AnnealA(d[1], args.anneal_a, args.steps)
     return finetune(model, data, out, teacher=teacher if distill else None, loss_fn=loss_fn, lora=args.lora,
                     anneal=anneal, tokenizer=tokenizer, resume=args.resume, max_steps=args.steps,
-                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
+                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                    min_lr=None if args.lr is None else args.lr / 10,
                     warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
                     checkpoint_interval=args.checkpoint_interval, max_time=args.max_time,
                     parallel=args.parallel)
@@ -83,6 +103,7 @@ def run(args):
     from .convert import dynamics_kwargs
 
     offline()
+    apply_training_defaults(args)
     src = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     model = load_model(src)
     tokenizer = load_tokenizer(src, required=False)

@@ -36,11 +36,16 @@ def run(args):
     tok = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model).eval()
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_token_id
+    if enc["input_ids"].shape[1] == 0:
+        raise RevLLMError("the prompt has no tokens (only whitespace?)")
+    # eos may be one id or a list (the generation config's first, then the model config's, then the tokenizer's)
+    eos = next((e for e in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+                            tok.eos_token_id) if e is not None), None)
+    pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                            temperature=None if args.greedy else args.temperature,
                            top_k=None if args.greedy else (args.top_k or None),
-                           top_p=None if args.greedy else args.top_p, eos_token_id=eos, pad_token_id=eos)
+                           top_p=None if args.greedy else args.top_p, eos_token_id=eos, pad_token_id=pad)
     torch.manual_seed(args.seed)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and enc["input_ids"].shape[1] + args.max_new_tokens > max_pos:

@@ -72,8 +72,23 @@ class DistillLoss:
             raise ValueError(f"ce_weight={ce_weight!r} and hidden_weight={hidden_weight!r} must be >= 0")
         self.teacher = teacher.eval().requires_grad_(False)
         self.T, self.ce_weight, self.hidden_weight, self.chunk = float(temperature), ce_weight, hidden_weight, chunk_tokens
+        self._checked = False
+
+    def check(self, model) -> None:
+        """Refuse a teacher whose vocabulary (or, with hidden matching, width) differs from the student's."""
+        from ..errors import RevLLMError
+
+        s, t = _unwrap(model).get_output_embeddings().weight, _unwrap(self.teacher).get_output_embeddings().weight
+        if s.shape[0] != t.shape[0]:
+            raise RevLLMError(f"the teacher's vocabulary ({t.shape[0]} tokens) differs from the student's ({s.shape[0]}): "
+                              "distill from the model the student was converted from")
+        if self.hidden_weight and s.shape[1] != t.shape[1]:
+            raise RevLLMError(f"hidden-state matching needs equal widths: teacher {t.shape[1]}, student {s.shape[1]}")
 
     def __call__(self, model, batch):
+        if not self._checked:
+            self.check(model)
+            self._checked = True
         ids = batch["input_ids"]
         with torch.no_grad():
             _, t_hidden = _run_with_final_hidden(self.teacher, ids, logits_to_keep=1)

@@ -83,7 +83,7 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
         **train_options: TrainConfig fields (max_steps, batch_size, seq_len, lr, warmup, eval_interval, ...).
     Returns the loop's summary dict plus ``model`` (the trained, merged model).
     """
-    from ..train.config import RESUME_MUTABLE, build_config
+    from ..train.config import build_config
     from ..train.loop import train
     from .distill import DistillLoss
 
@@ -92,6 +92,8 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
     anneal, start_step = _anneal_schedule(Path(out), anneal, resume)
     if loss_fn is None and teacher is not None:
         loss_fn = DistillLoss(teacher)
+    if model is not None and isinstance(loss_fn, DistillLoss):
+        loss_fn.check(model)  # before any step or file
     if model is not None:
         c = model.config
         train_options.setdefault("dynamics", c.dynamics)
@@ -102,8 +104,9 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
     if anneal is not None:
         loss_fn = AnnealedLoss(loss_fn or (lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})),
                                anneal, cfg.grad_accum, start_step)
-    # On --resume the checkpoint's config rules, except the run-length/bookkeeping keys given here.
-    explicit = {k for k, v in train_options.items() if k in RESUME_MUTABLE and v is not None} | {"data"}
+    # On --resume the checkpoint's config rules: the run-length/bookkeeping keys given here apply, and any
+    # other key given must equal the checkpoint's (the loop refuses a change in one line).
+    explicit = {k for k, v in train_options.items() if v is not None} | {"data"}
     summary = train(cfg, model=model, loss_fn=loss_fn, teacher=teacher, explicit=explicit)
     if model is None:  # resumed: the loop loaded the model itself; reload the final checkpoint's
         from ..train.checkpoint import latest_good, load_model

@@ -226,6 +226,7 @@ def save_model_atomic(model, out, tokenizer=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save: os.replace needs it gone
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
