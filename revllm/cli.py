@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"revllm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (RevLLMError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+    except (RevLLMError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"revllm {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,7 +7,7 @@ import torch
 
 from revllm import cli
 from revllm.bench import capacity, configs, memory, report, speed, worker
-from revllm.bench.configs import SavedBytes, Spec, build_model, make_batch, parse_bytes, parse_config
+from revllm.bench.configs import SavedBytes, Spec, build_model, make_batch, parse_bytes, parse_config, parse_ints
 from revllm.errors import RevLLMError
 
 TINY = dict(d=32, heads=4, seq=16, batch=2, vocab=64, loss_chunk=8)
@@ -201,6 +201,36 @@ def test_merge_unites_parallel_runs_and_refuses_other_shapes(tmp_path):
     other = memory.memory_table(["midpoint"], [2], Spec(**{**TINY, "seq": 32}), worker=fake_worker)
     with pytest.raises(RevLLMError, match="different seq"):
         report.merge([a, other])
+
+
+def test_merge_keeps_the_name_and_report_never_rewrites_a_json(tmp_path):
+    a = {**memory.memory_table(["euler"], [2], Spec(**TINY), worker=fake_worker), "name": "sweep"}
+    b = {**memory.memory_table(["midpoint"], [2], Spec(**TINY), worker=fake_worker), "name": "sweep"}
+    assert report.merge([a, b])["name"] == "sweep"
+    other = {**a, "rows": [{**a["rows"][0], "saved_bytes": 12345}]}
+    report.atomic_write(tmp_path / "memory_cpu_old.json", json.dumps(other))
+    report.save(a, tmp_path)  # sweep_<tag>.json
+    before = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
+    report.rebuild(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.json")} == before  # nothing renamed or overwritten
+    assert (tmp_path / "memory_cpu_old.md").is_file()
+
+
+def test_parse_ints_sorts_and_refuses_repeats():
+    assert parse_ints("12,6,24", "--depths") == [6, 12, 24]
+    with pytest.raises(RevLLMError, match="lists a value twice"):
+        parse_ints("6,6,12", "--depths")
+
+
+def test_capacity_resume_refuses_another_setup(tmp_path, capsys):
+    prev = capacity.capacity_table(["euler"], [2], Spec(**TINY), budget=2**30, worker=fake_worker)
+    report.atomic_write(tmp_path / "prev.json", json.dumps(prev))
+    argv = ["bench", "capacity", "--configs", "euler", "--depths", "2", "--d", str(TINY["d"] * 2), "--heads",
+            str(TINY["heads"]), "--seq", str(TINY["seq"]), "--vocab", str(TINY["vocab"]), "--memory-budget", "1GiB",
+            "--resume", str(tmp_path / "prev.json"), "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was measured with another d" in err and not (tmp_path / "o").exists()
 
 
 def test_capacity_resume_reuses_finished_search_and_measures_missing_throughput():

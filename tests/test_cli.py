@@ -148,3 +148,18 @@ def test_offline_reaches_huggingface_hub_already_imported(monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # as if imported before offline() ran
     offline()
     assert hub.HF_HUB_OFFLINE is True
+
+
+def test_demo_never_replaces_a_run_it_did_not_make(tmp_path, corpus_dir, capsys):
+    user_run = tmp_path / "demo" / "euler"
+    (user_run / "checkpoints").mkdir(parents=True)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--corpus", str(corpus_dir), "--steps", "1"]) == 2
+    assert "was not made by `revllm demo`" in _err(capsys)
+    assert (user_run / "checkpoints").is_dir() and not (tmp_path / "demo" / "data").exists()  # refused before any work
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, corpus_dir, tiny_tokenizer, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("mine")
+    assert main(["data", str(corpus_dir), "--out", str(f), "--tokenizer", str(tiny_tokenizer)]) == 2
+    assert "File exists" in _err(capsys) and f.read_text() == "mine"

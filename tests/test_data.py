@@ -60,7 +60,7 @@ def test_streams_in_chunks_and_spreads_val(tmp_path, tiny_tokenizer, monkeypatch
     assert abs(meta["val_tokens"] - 0.05 * total) <= total // 1000 + 1
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty_folder", "bad_json"])
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty_folder", "bad_json", "late_bad_utf8"])
 def test_bad_input_keeps_existing_tokens(tmp_path, tiny_tokenizer, token_dir, case):
     import shutil
 
@@ -68,7 +68,7 @@ def test_bad_input_keeps_existing_tokens(tmp_path, tiny_tokenizer, token_dir, ca
     shutil.copytree(token_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     bad = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt", "binary": tmp_path / "x.txt",
-           "empty_folder": tmp_path / "folder", "bad_json": tmp_path / "x.jsonl"}[case]
+           "empty_folder": tmp_path / "folder", "bad_json": tmp_path / "x.jsonl", "late_bad_utf8": tmp_path / "late.txt"}[case]
     if case == "empty":
         bad.write_text("")
     elif case == "binary":
@@ -78,8 +78,10 @@ def test_bad_input_keeps_existing_tokens(tmp_path, tiny_tokenizer, token_dir, ca
         (bad / "image.png").write_bytes(b"\x89PNG")
     elif case == "bad_json":
         bad.write_text('{"text": "fine"}\n{oops\n')
+    elif case == "late_bad_utf8":  # clean head (passes the binary sniff), a bad byte far past it
+        bad.write_bytes(b"In the beginning was the word.\n" * 2000 + b"\xff\xfe bad\n")
     msg = {"missing": "does not exist", "empty": "is empty", "binary": "looks binary", "empty_folder": "no text files",
-           "bad_json": "not valid JSON"}[case]
+           "bad_json": "not valid JSON", "late_bad_utf8": "late.txt is not UTF-8 text"}[case]
     with pytest.raises((RevLLMError, FileNotFoundError), match=msg):
         prepare_tokens([bad], out, str(tiny_tokenizer), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

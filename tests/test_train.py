@@ -206,3 +206,52 @@ def test_custom_loss_fn_and_teacher(tmp_path, token_dir):
     s = train(tiny_train_config(token_dir, tmp_path / "kd", max_steps=2), loss_fn=kd, teacher=teacher)
     assert s["steps"] == 2 and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert seen[0] == (4, 32)
+
+
+def test_keep_last_never_prunes_good_checkpoints_for_a_newer_corrupted_one(tmp_path, token_dir):
+    run = tmp_path / "run"
+    train(tiny_train_config(token_dir, run))  # checkpoints 3 and 6
+    bad = run / "checkpoints" / "step_00000006" / "model" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:64])  # corrupted: resume continues from step 3
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        train(tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
+              explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"})
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        assert ckpt_io.latest_good(run).name == "step_00000004"
+
+
+def test_yaml_numbers_and_limits_are_checked(tmp_path, token_dir):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 3e-3\nmin_lr: 1e-4\n")  # PyYAML reads these as strings
+    cfg = build_config(y, overrides={"data": str(token_dir), "out": str(tmp_path / "r")}).validate()
+    assert cfg.lr == 3e-3 and cfg.min_lr == 1e-4
+    y.write_text("lr: fast\n")
+    with pytest.raises(RevLLMError, match="lr='fast' must be a number"):
+        build_config(y)
+    for bad, msg in (({"stop_after": 0}, "stop_after=0 must be a step >= 1"), ({"max_time": -5.0}, "max_time=-5.0 must be > 0")):
+        with pytest.raises(RevLLMError, match=msg):
+            tiny_train_config(token_dir, tmp_path / "r", **bad).validate()
+
+
+def test_init_from_refuses_architecture_flags_and_records_the_models_own(tmp_path, token_dir):
+    src = tmp_path / "src"
+    train(tiny_train_config(token_dir, src, max_steps=1, dynamics="euler", layers=3))
+    with pytest.raises(RevLLMError, match="drop --dynamics, --layers"):
+        train(tiny_train_config(token_dir, tmp_path / "a", init_from=str(src), dynamics="leapfrog", layers=8),
+              explicit={"init_from", "dynamics", "layers"})
+    s = train(tiny_train_config(token_dir, tmp_path / "b", init_from=str(src), max_steps=1))  # cfg default: midpoint
+    assert s["dynamics"] == "euler" and s["config"]["layers"] == 3
+
+
+def test_loss_fn_metric_names_get_csv_columns(tmp_path, token_dir):
+    class WithKL:
+        metric_names = ("kl",)
+
+        def __call__(self, model, batch):
+            loss, _ = causal_lm_loss(model, batch)
+            return loss, {"kl": 0.25}
+
+    run = tmp_path / "run"
+    train(tiny_train_config(token_dir, run, max_steps=2), loss_fn=WithKL())
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0].endswith(",kl") and all(ln.endswith(",0.25") for ln in lines[1:])

@@ -89,7 +89,9 @@ def parse_ints(text: str | list[int], what: str) -> list[int]:
         raise RevLLMError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
         raise RevLLMError(f"{what} must be positive integers, got {text!r}")
-    return vals
+    if len(set(vals)) != len(vals):
+        raise RevLLMError(f"{what} lists a value twice: {text!r}")
+    return sorted(vals)
 
 
 @dataclass

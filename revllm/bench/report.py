@@ -30,10 +30,15 @@ def atomic_write(path: Path, data: str | bytes):
     os.replace(tmp, path)
 
 
+def stem_of(result: dict) -> str:
+    """File stem of a result: <name (default: the table)>_<machine tag>."""
+    return f"{result.get('name') or result['table']}_{result['machine_tag']}"
+
+
 def save(result: dict, out_dir: str | Path) -> list[Path]:
     """Write the JSON record, then its Markdown table and (memory, capacity) PNG plot."""
     out_dir = Path(out_dir)
-    stem = f"{result.get('name') or result['table']}_{result['machine_tag']}"
+    stem = stem_of(result)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     atomic_write(paths[0], json.dumps(result, indent=1) + "\n")
     atomic_write(paths[1], render_markdown(result))
@@ -61,8 +66,11 @@ def rebuild(results_dir: str | Path) -> list[Path]:
     if not files:
         raise RevLLMError(f"no benchmark results (memory_*.json, speed_*.json, capacity_*.json) in {results_dir}")
     written = []
-    for f in files:
-        written += save(load(f), results_dir)
+    for f in files:  # each file's own stem: the JSON is only read, never rewritten under another name
+        result = load(f)
+        atomic_write(f.with_suffix(".md"), render_markdown(result))
+        png = plot(result, f.with_suffix(".png"))
+        written += [f.with_suffix(".md")] + ([png] if png else [])
     return written
 
 
@@ -260,7 +268,7 @@ def merge(results: list[dict]) -> dict:
     # rows are all present (or re-measured by another input) leaves nothing out.
     axis = setup.get("depths") or setup.get("batches") or []
     complete = all((c, x) in rows for c in configs for x in axis)
-    out = {**first, "name": first["table"], "setup": setup, "rows": merged_rows,
+    out = {**first, "name": first.get("name") or first["table"], "setup": setup, "rows": merged_rows,
            "command": " ; ".join(dict.fromkeys(r["command"] for r in results)),
            "created": max(r["created"] for r in results),
            "partial": not complete and any(r.get("partial") for r in results)}

@@ -6,6 +6,7 @@ capacity) ``.png``; ``report`` re-renders them all from the JSON and prints the 
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 DEFAULT_OUT = "benchmarks/results"
 
@@ -173,6 +174,16 @@ def run_capacity(args):
         prev = load(args.resume)
         if prev["table"] != "capacity":
             raise RevLLMError(f"--resume {args.resume} is a {prev['table']} table, not capacity")
+        # Reuse rows only from the same model shape, machine and budget.
+        from ..bench.configs import machine_tag
+        from ..bench.report import SHAPE_KEYS
+
+        now = spec.to_dict()
+        diff = [k for k in SHAPE_KEYS if k != "batch" and k in now and prev["setup"].get(k) != now[k]]
+        diff += ["machine"] if prev.get("machine_tag") != machine_tag(spec.device) else []
+        diff += ["--memory-budget"] if prev["setup"].get("budget_bytes") != budget else []
+        if diff:
+            raise RevLLMError(f"--resume {args.resume} was measured with another {', '.join(diff)}: start a new table")
         resume_rows = prev["rows"]
     result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
                             tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
@@ -191,9 +202,13 @@ def run_report(args):
 
 
 def run_merge(args):
-    from ..bench.report import load, merge, render_markdown, save
+    from ..bench.report import load, merge, render_markdown, save, stem_of
+    from ..errors import RevLLMError
 
     result = merge([load(p) for p in args.inputs])
+    target = Path(args.out) / f"{stem_of(result)}.json"
+    if target.exists() and not any(target.resolve() == Path(p).resolve() for p in args.inputs):
+        raise RevLLMError(f"{target} exists and is not one of the inputs: merge into another --out")
     paths = save(result, args.out)
     print(render_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -27,6 +27,16 @@ def positive_int(s: str) -> int:
     return v
 
 
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v:g} must be > 0")
+    return v
+
+
 def explicit_keys(args, names) -> dict:
     """The flags the user actually gave (their argparse default is None)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from ..errors import RevLLMError
-from .common import offline
+from .common import offline, positive_float
 
+DEMO_MARK = ".revllm-demo"
 # Sized for about 2-3 minutes per run on 2 CPU cores (see docs/notes/issue3.md for measurements).
 DEMO_MODEL = ["--block", "llama", "--layers", "4", "--hidden", "128", "--heads", "4", "--kv-heads", "2",
               "--seq-len", "128", "--batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4", "--warmup", "20",
@@ -31,8 +32,9 @@ def add_parser(sub):
     p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     p.add_argument("--corpus", nargs="+", help="text files/folders to use instead of the default corpus")
-    p.add_argument("--dynamics", default="midpoint", help="reversible dynamics to compare with euler")
-    p.add_argument("--max-time", type=float, default=200.0, help="safety limit per run in seconds (default 200)")
+    p.add_argument("--dynamics", default="midpoint", choices=["midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
+                   help="reversible dynamics to compare with euler (default midpoint)")
+    p.add_argument("--max-time", type=positive_float, default=200.0, help="safety limit per run in seconds (default 200)")
     p.add_argument("--tokenizer", default="smollm2")
     p.set_defaults(func=run)
 
@@ -61,6 +63,9 @@ def run(args):
     console = Console()
     t0 = time.perf_counter()
     out = Path(args.out)
+    for dyn in (args.dynamics, "euler"):  # the demo replaces only run dirs it made itself (marked)
+        if (out / dyn).exists() and not (out / dyn / DEMO_MARK).is_file():
+            raise RevLLMError(f"{out / dyn} exists and was not made by `revllm demo`: choose another --out")
     corpus = [Path(c) for c in args.corpus] if args.corpus else default_corpus()
     data = out / "data"
     try:
@@ -76,7 +81,9 @@ def run(args):
     runs, stop_after = [], None
     for i, dyn in enumerate([args.dynamics, "euler"]):
         run_dir = out / dyn
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its run dirs
+        shutil.rmtree(run_dir, ignore_errors=True)  # checked above: a run dir of an earlier demo
+        run_dir.mkdir(parents=True)
+        (run_dir / DEMO_MARK).write_text("made by revllm demo; replaced by the next demo run\n")
         kind = "reversible, memory-free backward" if dyn != "euler" else "standard residual, stored activations"
         console.print(f"[bold]{2 + i}/3 training[/] {dyn} ({kind}), {args.steps} steps")
         interval = max(1, args.steps // 5)

@@ -73,6 +73,7 @@ class DistillLoss:
         self.teacher = teacher.eval().requires_grad_(False)
         self.T, self.ce_weight, self.hidden_weight, self.chunk = float(temperature), ce_weight, hidden_weight, chunk_tokens
         self._checked = False
+        self.metric_names = ("kl", "ce") + (("hidden_mse",) if hidden_weight else ())  # logged by the training loop
 
     def check(self, model) -> None:
         """Refuse a teacher whose vocabulary (or, with hidden matching, width) differs from the student's."""

@@ -34,12 +34,14 @@ class AnnealedLoss:
     def __init__(self, loss_fn, anneal, grad_accum: int = 1, start_step: int = 0):
         self.loss_fn, self.anneal, self.grad_accum = loss_fn, anneal, grad_accum
         self.calls = start_step * grad_accum
+        self.metric_names = (*getattr(loss_fn, "metric_names", ()), "anneal_k")
 
     def __call__(self, model, batch):
         if model.training:  # evaluation calls leave the schedule alone
-            self.anneal(model, self.calls // self.grad_accum)
+            self.k = self.anneal(model, self.calls // self.grad_accum)
             self.calls += 1
-        return self.loss_fn(model, batch)
+        loss, metrics = self.loss_fn(model, batch)
+        return loss, {**metrics, "anneal_k": getattr(self, "k", None)}
 
 
 def _anneal_schedule(run: Path, anneal, resume: bool):

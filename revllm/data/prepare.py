@@ -157,26 +157,35 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
             for kind, path in sources:
-                for pieces, doc_end in _documents(kind, path, text_key):
-                    for text in pieces:
-                        if text:
-                            buf.extend(tok(text, add_special_tokens=False)["input_ids"])
-                        if kind != "hf":
-                            bar.update(len(text.encode("utf-8")))
-                    if doc_end:
-                        buf.append(ident["separator_id"])
-                        n_docs += 1
-                    flush()
+                try:
+                    for pieces, doc_end in _documents(kind, path, text_key):
+                        for text in pieces:
+                            if text:
+                                buf.extend(tok(text, add_special_tokens=False)["input_ids"])
+                            if kind != "hf":
+                                bar.update(len(text.encode("utf-8")))
+                        if doc_end:
+                            buf.append(ident["separator_id"])
+                            n_docs += 1
+                        flush()
+                except UnicodeDecodeError as e:  # past the head that _looks_binary sniffed
+                    raise RevLLMError(f"{path} is not UTF-8 text ({e.reason} at a byte {e.start} of a read chunk)") from None
             flush(final=True)
         for f in files.values():
             f.close()
         if counts["train"] < 2 or sum(counts.values()) <= n_docs:
             raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
+        # Everything is written beside the old files first; then meta.json goes (the dir reads as
+        # incomplete), the renames happen, and the new meta.json comes last.
+        tok_tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+        tok.save_pretrained(tok_tmp)
+        (out / "meta.json").unlink(missing_ok=True)
         for s, p in tmp.items():
             os.replace(p, out / f"{s}.bin")
         tok_dir = out / "tokenizer"
         shutil.rmtree(tok_dir, ignore_errors=True)
-        tok.save_pretrained(tok_dir)
+        os.replace(tok_tmp, tok_dir)
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
                 "val_fraction": val_fraction, "requested": [str(p) for p in inputs],
@@ -190,3 +199,4 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
             f.close()
         for p in tmp.values():
             p.unlink(missing_ok=True)
+        shutil.rmtree(out / ".tokenizer.tmp", ignore_errors=True)

@@ -137,7 +137,10 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler
             f"could not save checkpoint step {step} ({e.strerror or e}); earlier checkpoints are untouched"
         ) from None
     if keep_last > 0:
-        for old in list_checkpoints(run)[:-keep_last]:
+        # Prune only up to the one just written: newer ones (a resumed run's abandoned future, possibly
+        # the corrupted step it resumed around) must not push the good ones out.
+        upto = [c for c in list_checkpoints(run) if c.name <= final.name]
+        for old in upto[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

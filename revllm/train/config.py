@@ -81,6 +81,14 @@ class TrainConfig:
         for k in ("warmup", "keep_last", "seed"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise RevLLMError(f"{k}={getattr(self, k)!r} must be an integer >= 0")
+        for f in dataclasses.fields(self):  # real-valued fields (YAML may hold a string such as '3e-3')
+            v = getattr(self, f.name)
+            if "float" in str(f.type) and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise RevLLMError(f"{f.name}={v!r} must be a number")
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
+            raise RevLLMError(f"stop_after={self.stop_after!r} must be a step >= 1")
+        if self.max_time is not None and not self.max_time > 0:
+            raise RevLLMError(f"max_time={self.max_time!r} must be > 0 seconds")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise RevLLMError(f"need lr > 0 and 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
         if self.weight_decay < 0 or self.clip < 0:
@@ -114,6 +122,23 @@ def _normalize(d: dict, where: str) -> dict:
     return out
 
 
+def _coerce_numbers(d: dict) -> dict:
+    """PyYAML reads ``3e-3`` (no dot) as a string: turn such strings into numbers for real-valued fields."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for k, v in d.items():
+        if isinstance(v, str) and "float" in types.get(k, ""):
+            try:
+                d[k] = float(v)
+            except ValueError:
+                raise RevLLMError(f"{k}={v!r} must be a number") from None
+    return d
+
+
+# Keys that define the model; a model brought by init_from has its own, so these may not be given with it.
+ARCH_KEYS = {"block", "dynamics", "step_size", "initial_state", "layers", "hidden", "heads", "kv_heads",
+             "intermediate", "max_positions"}
+
+
 def load_yaml(path) -> dict:
     import yaml
 
@@ -126,7 +151,7 @@ def load_yaml(path) -> dict:
         raise RevLLMError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
         raise RevLLMError(f"config file {p} must be a mapping of flag names to values")
-    return _normalize(d, str(p))
+    return _coerce_numbers(_normalize(d, str(p)))
 
 
 def build_config(yaml_path=None, overrides: dict | None = None, base: dict | None = None) -> TrainConfig:

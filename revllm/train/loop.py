@@ -8,7 +8,8 @@ Reusable entry point::
 * ``model``: a ready ``PreTrainedModel`` to train; default: a new ``RevLLMForCausalLM`` from ``cfg``, or the
   model in ``cfg.init_from``, or the checkpoint's on ``cfg.resume``.
 * ``loss_fn(model, batch) -> (loss, metrics)``: ``batch`` is ``{"input_ids": LongTensor (B, T)}`` on the
-  device; ``metrics`` a dict of floats logged next to the loss. Default: causal-LM cross-entropy
+  device; ``metrics`` a dict of floats; those the loss_fn names in its ``metric_names`` attribute get their
+  own metrics.csv columns and TensorBoard tags next to the loss. Default: causal-LM cross-entropy
   (``causal_lm_loss``). Distillation passes a closure over ``teacher``.
 * ``teacher``: an optional frozen module; the loop only places it on the device in eval mode with
   ``requires_grad_(False)`` (the loss_fn uses it).
@@ -44,7 +45,7 @@ from ..bench.configs import SavedBytes  # bytes saved for backward, weights excl
 from ..data.tokens import TokenData, WindowSampler, val_batches
 from ..errors import RevLLMError
 from . import checkpoint as ckpt_io
-from .config import RESUME_MUTABLE, build_config
+from .config import ARCH_KEYS, RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
 from ..parallel import gradient_sync
 
@@ -86,6 +87,19 @@ def _resolve_resume(cfg, explicit):
     return new.validate(), ckpt, meta, opt_state, rng
 
 
+def _describe_model(cfg, model) -> None:
+    """The run's record (config.yaml, summary, checkpoints) names the model actually trained: a model
+    from init_from or from the caller brings its own architecture and dynamics."""
+    c = getattr(model, "config", None)
+    if getattr(c, "model_type", None) != "revllm":
+        cfg.dynamics = "euler"  # an ordinary HF model: the standard residual network
+        return
+    for key, attr in (("block", "block"), ("dynamics", "dynamics"), ("layers", "num_hidden_layers"),
+                      ("hidden", "hidden_size"), ("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads")):
+        if getattr(c, attr, None) is not None:
+            setattr(cfg, key, getattr(c, attr))
+
+
 def _new_model(cfg, data, seed):
     import revllm
 
@@ -107,6 +121,9 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     from tqdm.auto import tqdm
 
     cfg = cfg.validate()
+    if cfg.init_from and not cfg.resume and set(explicit or ()) & ARCH_KEYS:
+        clash = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(set(explicit) & ARCH_KEYS))
+        raise RevLLMError(f"--init-from brings its own model (architecture and dynamics): drop {clash}")
     resume = None
     if cfg.resume:
         cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
@@ -132,6 +149,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             data.check(cfg.seq_len, model.config.vocab_size, _tokenizer_sha(ckpt_io.load_tokenizer(src_dir)))
     elif model is None:
         model = _new_model(cfg, data, cfg.seed)
+    _describe_model(cfg, model)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise RevLLMError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
@@ -192,6 +210,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     main = acc.is_main_process
     run.mkdir(parents=True, exist_ok=True)
     csv_path = run / "metrics.csv"
+    # a loss_fn may name its own metrics (distillation: kl, ce, ...): they get columns and TensorBoard tags
+    fields = CSV_FIELDS + [k for k in getattr(loss_fn, "metric_names", ()) if k not in CSV_FIELDS]
     if main:
         import yaml
 
@@ -203,7 +223,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             with open(csv_path) as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
+            w = csv.DictWriter(f, fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         from torch.utils.tensorboard import SummaryWriter
@@ -240,8 +260,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         if not main:
             return
         with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow(row)
-        for k in ("train_loss", "val_loss", "lr", "tokens_per_s", "mem_mb"):
+            csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
+        for k in ("train_loss", "val_loss", "lr", "tokens_per_s", "mem_mb", *fields[len(CSV_FIELDS):]):
             if row.get(k) not in (None, ""):
                 tb.add_scalar(k, row[k], row["step"])
 
@@ -295,7 +315,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             row = {"step": step, "tokens": tokens, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                    "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": round(tps, 1),
                    "mem_mb": round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}
-            row.update({k: v for k, v in extra.items() if k in CSV_FIELDS})
+            row.update({k: v for k, v in extra.items() if k in fields})
             log(row)
             win_tokens, win_time = 0, 0.0
         if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
