@@ -41,8 +41,8 @@ def test_euler_reproduces_original_logits(family):
     src = tiny_hf(family)
     ids = _ids()
     rev = convert(src, dynamics="euler", dtype=torch.float64)
-    with torch.no_grad():
-        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-10
+    with torch.no_grad():  # (HF's Llama/Qwen2 RMSNorm rounds to fp32 even in a float64 model; revllm's does not)
+        assert (rev(ids).logits - src(ids).logits).abs().max() < (1e-10 if family == "gpt2" else 1e-6)
     src32, rev32 = src.float(), convert(src.float(), dynamics="euler")
     with torch.no_grad():
         assert (rev32(ids).logits - src32(ids).logits).abs().max() < 1e-5
@@ -77,8 +77,8 @@ def test_fixed_point_start_makes_midpoint_first_layer_residual():
     src = tiny_hf("llama", layers=1)
     ids = _ids()
     rev = convert(src, dynamics="midpoint", dtype=torch.float64)
-    with torch.no_grad():
-        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-10
+    with torch.no_grad():  # 1e-6: HF's RMSNorm rounds to fp32 (see test_euler_reproduces_original_logits)
+        assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("family", FAMILIES)

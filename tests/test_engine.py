@@ -153,3 +153,28 @@ def test_activation_checkpointing_in_exact_mode_says_it_runs_float_streams():
     with pytest.warns(UserWarning, match="activation checkpointing runs float streams"):
         model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.model.layers.parameters())
+
+
+def test_tensor_coefficients_and_double_backward():
+    """A rule whose coefficients are 0-d tensors (documented as allowed) gets the same gradients as its
+    float twin; create_graph through the reversible backward is refused instead of silently wrong."""
+    from revllm.dynamics.leapfrog import Leapfrog
+
+    class TensorLeapfrog(Leapfrog):
+        def coefficients(self, j):
+            return tuple(torch.tensor(c, dtype=torch.float64) for c in super().coefficients(j))
+
+    grads = []
+    for cls in (Leapfrog, TensorLeapfrog):
+        model = tiny_model(dynamics="leapfrog", layers=3, dtype=torch.float64)
+        model.dynamics.__class__ = cls
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*grads))
+    model = tiny_model(dynamics="leapfrog", layers=2, dtype=torch.float64)
+    emb = model.get_input_embeddings()(torch.randint(0, 97, (1, 5))).detach().requires_grad_(True)
+    loss = model(inputs_embeds=emb, labels=torch.randint(0, 97, (1, 5))).loss
+    (g,) = torch.autograd.grad(loss, emb, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        g.pow(2).sum().backward()

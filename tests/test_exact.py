@@ -195,14 +195,16 @@ def test_bottom_drift_is_always_on_and_logged(caplog):
 def test_drift_fallback_uses_the_stored_states():
     ids = torch.randint(0, 97, (2, 8))
     model = _model("leapfrog", "llama", exact_reversal=False)
-    ref = _grads(model, ids, False, True)[2]  # stored activations under bf16: the true gradient
+    # fp32: under bf16 the two paths' different fp32 summation orders round differently in the bf16
+    # casts (~bf16 eps), which hides what is tested here.
+    ref = _grads(model, ids, False, False)[2]  # stored activations: the true gradient
     rel = lambda g: max(((g[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)  # noqa: E731
-    plain = rel(_grads(model, ids, True, True)[2])  # float reconstruction drifts
+    plain = rel(_grads(model, ids, True, False)[2])  # float reconstruction drifts
     model.config.update(dict(drift_monitor=True, drift_threshold=1e-12, drift_fallback=True))
     with pytest.warns(UserWarning, match="fell back to the stored states"):
-        fallback = rel(_grads(model, ids, True, True)[2])
+        fallback = rel(_grads(model, ids, True, False)[2])
     assert model.drift_monitor.fallbacks == 1
-    assert fallback < 1e-4 < 1e-3 < plain
+    assert fallback < 1e-5 < plain and fallback < plain / 10
 
 
 def test_exact_forward_is_identical_with_and_without_grad_and_in_eval():

@@ -22,6 +22,15 @@ from conftest import ALL_DYNAMICS, FAMILIES, tiny_config, tiny_model
         (dict(dynamics="euler", memory_free=True), "memory_free=True"),
         (dict(initial_state="random"), "initial_state="),
         (dict(dropout=1.5), "dropout="),
+        (dict(exact_reversal="false"), "exact_reversal='false' must be true or false"),
+        (dict(memory_free="false"), "memory_free='false' must be"),
+        (dict(block="gpt2", num_key_value_heads=4, hidden_act="relu"), "hidden_act='relu' is not implemented"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu' is not implemented for block='llama'"),
+        (dict(block="gpt2", num_key_value_heads=4, head_dim=16), "head_dim=16 must be hidden_size"),
+        (dict(intermediate_size=0), "intermediate_size=0 must be a positive integer"),
+        (dict(num_key_value_heads=2.0), "num_key_value_heads=2.0 must be a positive integer"),
+        (dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite number > 0"),
+        (dict(dynamics="midpoint_a", midpoint_a_floor=0.0), "midpoint_a_floor=0.0 must be"),
     ],
 )
 def test_bad_config_names_field_and_allowed_values(kw, field):
@@ -126,3 +135,37 @@ def test_initial_state_options_are_reversible(initial_state):
     model(ids, labels=ids).loss.backward()
     for r, p in zip(ref, model.parameters()):
         assert torch.allclose(r, p.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("block", FAMILIES)
+def test_residual_output_projections_get_the_scaled_init(block):
+    """GPT-2's init: the branch output projections (c_proj / o_proj, down_proj) start at std 0.02 / sqrt(2L)."""
+    L = 8
+    model = tiny_model(block=block, layers=L, hidden_size=64, intermediate_size=256,
+                       num_key_value_heads=4 if block == "gpt2" else 2)
+    layer = model.model.layers[0]
+    outs = [layer.attn.c_proj, layer.mlp.c_proj] if block == "gpt2" else [layer.self_attn.o_proj, layer.mlp.down_proj]
+    ins = [layer.attn.c_attn, layer.mlp.c_fc] if block == "gpt2" else [layer.self_attn.q_proj, layer.mlp.up_proj]
+    for m in outs:
+        assert m.weight.std().item() == pytest.approx(0.02 / (2 * L) ** 0.5, rel=0.1)
+    for m in ins:
+        assert m.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_midpoint_a_coefficients_survive_dtype_casts():
+    model = tiny_model(dynamics="midpoint_a", layers=4)
+    a = model.dynamics.a.clone()
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        model(ids)  # fills the coefficient cache
+    model.to(torch.bfloat16)
+    assert model.dynamics.a.dtype == torch.float64 and torch.equal(model.dynamics.a, a)
+    assert model.dynamics.coefficients(0)[0] == a[0].item()
+
+
+def test_one_token_sequence_loss_is_nan_but_in_the_graph():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 1))
+    loss = model(ids, labels=ids).loss
+    assert torch.isnan(loss) and loss.requires_grad
+    loss.backward()  # as HF: a NaN loss, not a crash

@@ -24,6 +24,7 @@ class GPT2Attention(nn.Module):
         self.n_head, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
         self.c_attn = Conv1D(3 * d, d)
         self.c_proj = Conv1D(d, d)
+        self.c_proj.residual_out = True  # init std / sqrt(2L), as GPT-2
         self.dropout = config.dropout
         self.attn_fn = ATTENTION[getattr(config, "attn_implementation_revllm", "sdpa")]
 
@@ -44,6 +45,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(config.intermediate_size, config.hidden_size)
         self.c_proj = Conv1D(config.hidden_size, config.intermediate_size)
+        self.c_proj.residual_out = True
         self.dropout = config.dropout
         self.approximate = "tanh" if config.hidden_act in ("gelu_new", "gelu_pytorch_tanh") else "none"
 

@@ -23,9 +23,10 @@ class LlamaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
-        # Normalize in fp32 (as HF does): bf16 variance loses too much precision.
+        # Normalize in at least fp32 (as HF does for bf16/fp16/fp32): bf16 variance loses too much
+        # precision; a float64 model stays float64 (the tight reference checks need it).
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
 
@@ -45,6 +46,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * K, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * K, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * K, d, bias=bool(config.attention_bias))
+        self.o_proj.residual_out = True  # init std / sqrt(2L), as GPT-2
         self.dropout = config.dropout
         self.attn_fn = ATTENTION[getattr(config, "attn_implementation_revllm", "sdpa")]
 
@@ -71,6 +73,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(d, m, bias=False)
         self.up_proj = nn.Linear(d, m, bias=False)
         self.down_proj = nn.Linear(m, d, bias=False)
+        self.down_proj.residual_out = True
         self.dropout = config.dropout
 
     def forward(self, x):

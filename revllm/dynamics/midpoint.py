@@ -40,6 +40,15 @@ class MidpointA(Dynamics):
         a = self._a_cache[j]
         return a, 1.0 - a, self.h
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() would round the coefficients (and the cache would keep the old
+        # ones): move them to the new device only, in float64.
+        a = self.a.detach().clone()
+        out = super()._apply(fn, recurse)
+        self.a = a.to(device=self.a.device)
+        self._a_cache = None
+        return out
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._a_cache = None  # a loaded checkpoint replaces the coefficients
         super()._load_from_state_dict(*args, **kwargs)

@@ -126,6 +126,7 @@ class ReversibleStackFunction(torch.autograd.Function):
         return streams.decode(X, dtype), streams.decode(Y, dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the reconstruction is not itself differentiated
     def backward(ctx, g_y, g_z):
         stack: Stack = ctx.stack
         dyn, streams = stack.dynamics, ctx.streams
@@ -169,7 +170,7 @@ class ReversibleStackFunction(torch.autograd.Function):
                 g_in = y_in.grad if y_in.requires_grad else None
                 g_x = _mul(a, g_z)
                 g_y_new = g_y if g_in is None else g_in.to(g_y.dtype).add_(g_y)
-                if not (torch.is_tensor(b) or b == 0):
+                if torch.is_tensor(b) or b != 0:  # (a 0-d tensor coefficient always contributes)
                     g_y_new = g_y_new + _mul(b, g_z)
                 if not ctx.store:
                     Y, Z = X, Y

@@ -116,6 +116,7 @@ class RevLLMConfig(PretrainedConfig):
             self.hidden_act = "gelu_new" if self.block == "gpt2" else "silu"
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        self._check_fields()
 
         if self.memory_free is None:
             self.memory_free = rule.reversible
@@ -129,6 +130,28 @@ class RevLLMConfig(PretrainedConfig):
         if self.dynamics == "midpoint_a":
             self._check_midpoint_a()
         super().__post_init__(**kwargs)
+
+    def _check_fields(self):
+        """Values the blocks would otherwise take silently (or fail on deep inside torch)."""
+        for name in ("num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("rms_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range", "midpoint_a_floor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name}={v!r} must be a finite number > 0")
+        for name in ("exact_reversal", "drift_monitor", "drift_fallback", "attention_bias", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):  # "false" would read as True
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.memory_free is not None and not isinstance(self.memory_free, bool):
+            raise ValueError(f"memory_free={self.memory_free!r} must be true, false or null (the rule's default)")
+        acts = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu"), "llama": ("silu",)}[self.block]
+        if self.hidden_act not in acts:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented for block={self.block!r}; "
+                             f"allowed: {', '.join(acts)}")
+        if self.block == "gpt2" and self.head_dim != self.hidden_size // self.num_attention_heads:
+            raise ValueError(f"head_dim={self.head_dim} must be hidden_size / num_attention_heads for block='gpt2'")
 
     def _check_exact(self, rule):
         b = self.exact_fraction_bits

@@ -27,7 +27,9 @@ def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens: int) -> torch.
     h = hidden[:, :-1].reshape(-1, D)
     y = labels[:, 1:].reshape(-1).to(hidden.device)
     count = (y != -100).sum()
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    # Start from an (empty) sum of hidden: a sequence of one token has no chunks, and its NaN loss must
+    # still be part of the graph, as HF's is.
+    total = hidden[:, :0].sum().to(torch.promote_types(hidden.dtype, torch.float32))
     for s in range(0, h.shape[0], chunk_tokens):
         hs, ys = h[s : s + chunk_tokens], y[s : s + chunk_tokens]
         if torch.is_grad_enabled() and (hs.requires_grad or lm_head.weight.requires_grad):

@@ -47,7 +47,10 @@ class RevLLMPreTrainedModel(PreTrainedModel):
 
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, Conv1D)):
-            init.normal_(module.weight, mean=0.0, std=std)
+            # The blocks mark their residual output projections: transformers initializes leaf modules
+            # directly, so the scaling must be decided here, not in a parent's branch.
+            scale = (2 * self.config.num_hidden_layers) ** -0.5 if getattr(module, "residual_out", False) else 1.0
+            init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -61,10 +64,6 @@ class RevLLMPreTrainedModel(PreTrainedModel):
 
             init.copy_(module.a, torch.tensor(draw_midpoint_a(self.config), dtype=module.a.dtype))
             module._a_cache = None
-        scaled = std / (2 * self.config.num_hidden_layers) ** 0.5
-        for name in ("c_proj", "o_proj", "down_proj"):
-            if isinstance(getattr(module, name, None), (nn.Linear, Conv1D)) and type(module).__name__ != "GPT2Block":
-                init.normal_(getattr(module, name).weight, mean=0.0, std=scaled)
 
 
 class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
