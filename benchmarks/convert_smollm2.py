@@ -162,6 +162,12 @@ def main():
 
     def distill(model, minutes, anneal=None, label="", max_tokens=None):
         lr = args.distill_lr or args.lr
+
+        def result(partial):  # partial results are written at every mark, so a killed run keeps its curve
+            r = {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
+                 "memory_free": bool(model.config.memory_free), "lr": lr}
+            return {**r, "partial": True} if partial else r
+
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         model.train()
         curve, tokens, t0, step = [{"tokens": 0, "perplexity": ev(model)}], 0, time.perf_counter(), 0
@@ -182,10 +188,11 @@ def main():
                 marks = [t for t in marks if t > tokens]
                 curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
                 print(label, curve[-1], flush=True)
+                res["distill"][label] = result(partial=True)
+                _write(res)
         if curve[-1]["tokens"] != tokens:
             curve.append({"tokens": tokens, "perplexity": ev(model), "k": k})
-        return {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
-                "memory_free": bool(model.config.memory_free), "lr": lr}
+        return result(partial=False)
 
     for name in args.distill if "distill" in phases else []:
         known = dict(recipes)
@@ -202,7 +209,8 @@ def main():
             est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
             minutes = args.anneal_minutes
         res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, minutes, AnnealA(4, 0, int(est_steps * 0.8)),
-                                                               label="anneal", max_tokens=args.anneal_tokens or None)
+                                                               label="midpoint_a k=4->0 annealed",
+                                                               max_tokens=args.anneal_tokens or None)
         _write(res)
 
     # -- 3. step cost ----------------------------------------------------------------------------------
@@ -221,7 +229,9 @@ def main():
 
 def _write(res):
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "convert_smollm2.json").write_text(json.dumps(res, indent=1))
+    tmp = OUT / "convert_smollm2.json.tmp"  # atomic: a run killed mid-write keeps the previous JSON
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, OUT / "convert_smollm2.json")
     md = [f"# SmolLM2-135M-Instruct conversion ({res['machine']})", "", "Commands: " + "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command")])), "",
           f"Held-out: last {res['held_out_tokens']} tokens of the KJV (end of Revelation), verse numbers removed.", "",
           "## Before training", "", "| conversion | perplexity | KL(original ‖ converted), nats/token |", "|---|---|---|"]
@@ -232,7 +242,7 @@ def _write(res):
                "| model | lr | tokens | steps | seconds | memory-free | perplexity before → after |", "|---|---|---|---|---|---|---|"]
         for name, r in res["distill"].items():
             c = r["curve"]
-            md.append(f"| {name} | {r.get('lr', 5e-5):g} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
+            md.append(f"| {name}{' (partial: run stopped)' if r.get('partial') else ''} | {r.get('lr', 5e-5):g} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
                       f"{c[0]['perplexity']:.4g} → {c[-1]['perplexity']:.4g} |")
         md += ["", "Curves (tokens: perplexity): " + "; ".join(
             f"{n}: " + ", ".join(f"{p['tokens']}: {p['perplexity']:.4g}" for p in r["curve"]) for n, r in res["distill"].items())]
