@@ -178,3 +178,26 @@ def test_tensor_coefficients_and_double_backward():
     (g,) = torch.autograd.grad(loss, emb, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
         g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["memory_free", "stored_exact", "per_layer_drift"])
+def test_second_backward_with_retained_graph(mode):
+    """retain_graph=True: the memory-free path serves a second backward (gradients accumulate to twice
+    the first); paths that free per-layer state in the backward refuse it with a clear error."""
+    kw = {"dynamics": "midpoint", "layers": 3, "dtype": torch.float64}
+    if mode == "stored_exact":
+        kw = {"dynamics": "midpoint_a", "midpoint_a": 1 / 16, "exact_reversal": True, "memory_free": False, "layers": 3}
+    if mode == "per_layer_drift":
+        kw["drift_monitor"] = True
+    model = tiny_model(**kw)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss = model(ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    if mode != "memory_free":
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()
+        return
+    loss.backward()
+    for f, p in zip(first, model.parameters()):
+        assert torch.allclose(p.grad, 2 * f, rtol=1e-12, atol=1e-15)

@@ -130,6 +130,12 @@ class ReversibleStackFunction(torch.autograd.Function):
     def backward(ctx, g_y, g_z):
         stack: Stack = ctx.stack
         dyn, streams = stack.dynamics, ctx.streams
+        # The stored reference and the per-layer drift check drop their per-layer state as the backward
+        # walks down (that is what keeps the peak flat), so a second backward cannot be served.
+        if any(k is None for k in ctx.kept) or any(s is None for s in ctx.states):
+            raise RuntimeError("reversible stack: backward through the same forward a second time is not "
+                               "supported in stored or per-layer-drift mode (its per-layer state was freed by "
+                               "the first backward, even with retain_graph=True); run the forward again")
         Y, Z, *inputs = ctx.saved_tensors  # held pair (older, newest) [and the stack's inputs]
         mon = ctx.mon
         per_layer = mon is not None and mon.per_layer and bool(ctx.states)
