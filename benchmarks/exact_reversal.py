@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import revllm
+from revllm.bench.configs import SavedBytes
 
 HERE = Path(__file__).resolve().parent
 # midpoint_a: the paper's random a_j quantized to 1/16 (|a| in [1/2, 3/2]), and the near-Euler a = 1/16.
@@ -158,15 +159,7 @@ def arith_rows(args, reps=30):
 
 def held_bytes(model, ids):
     """Bytes the stack keeps between forward and backward: saved tensors (not parameters) + the buffer."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total, nodes = [0], []
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model) as meter:
         loss = model(ids, labels=ids).loss
     # The low-bit buffer is a ctx attribute, outside saved tensors: walk the graph for the engine's node.
     stack, seen, buf = [loss.grad_fn], set(), 0
@@ -178,7 +171,7 @@ def held_bytes(model, ids):
         buf += sum(s.numel() * s.element_size() for s in getattr(node, "sides", None) or [] if s is not None)
         stack.extend(n for n, _ in node.next_functions)
     loss.backward()
-    return total[0] + buf, buf
+    return meter.bytes + buf, buf
 
 
 def memory_rows(args):
