@@ -135,6 +135,15 @@ def train(rank, world, out, ckpt_root, token_dir):
 
     for mode in ("ddp", "fsdp2"):  # the fine-tuning command's path: the shared loop, then rank 0 saves RUN/model
         finetune(finetune_model(), token_dir, Path(ckpt_root) / f"ft-{mode}", parallel=mode, **FINETUNE)
+    # The conversion default: fixed_point evaluates layer 0 twice (DDP needs a static graph), distilled
+    # through LoRA with the hidden-state term (the loss finds the norm inside DDP(PeftModel(...))).
+    from revllm.convert.distill import DistillLoss
+
+    for lora in (0, 2):
+        student = tiny_model(seed=3, vocab_size=300, block="gpt2", dynamics="midpoint", initial_state="fixed_point")
+        teacher = tiny_model(seed=4, vocab_size=300, block="gpt2", dynamics="euler")
+        finetune(student, token_dir, Path(ckpt_root) / f"ft-ddp-fixed_point-lora{lora}", parallel="ddp", lora=lora,
+                 loss_fn=DistillLoss(teacher, hidden_weight=1.0), **FINETUNE)
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 

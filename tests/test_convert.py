@@ -211,6 +211,7 @@ def test_anneal_a_schedule_and_exactness_after_annealing():
 
     sched = AnnealA(4, 0, steps=8)
     assert [sched.k_at(s) for s in (0, 2, 4, 6, 8, 20)] == [4, 3, 2, 1, 0, 0]
+    assert AnnealA(4, 0, steps=1).k_at(0) == 0  # a one-step schedule still ends at k_end
     src = tiny_hf("gpt2", dtype=torch.float32)
     rev = convert(src, k=4).train()
     assert sched(rev, 4) == 2 and rev.dynamics.a.tolist() == [0.25] * 3 and rev.config.midpoint_a == 0.25
@@ -290,6 +291,28 @@ def test_annealed_finetune_resumes_its_schedule_bit_identically(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in resumed.state_dict().items())
     with pytest.raises(RevLLMError, match="continues the run's own"):
         finetune(None, data, tmp_path / "cut", resume=True, anneal=AnnealA(3, 1, 4), **opts)
+    # An annealed start refused before its first checkpoint leaves no schedule to a later plain run's resume.
+    with pytest.raises(RevLLMError, match="seq_len"):
+        finetune(conv(), data, tmp_path / "stale", anneal=AnnealA(3, 1, 4), **{**opts, "seq_len": 999})
+    finetune(conv(), data, tmp_path / "stale", stop_after=2, **opts)
+    assert not (tmp_path / "stale" / "anneal.json").exists()
+    resumed = finetune(None, data, tmp_path / "stale", resume=True, **opts)["model"]
+    assert resumed.config.midpoint_a == 0.125  # k = 3 throughout: never annealed
+
+
+def test_cli_finetune_of_a_run_of_a_plain_hf_model(tmp_path):
+    """`revllm finetune RUN` where RUN is `revllm train --init-from HF_DIR`: the student is converted from
+    the model loaded out of the run's latest checkpoint (RUN itself has no config.json)."""
+    from revllm.cli import main as cli_main
+
+    tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")
+    data = _token_dir(tmp_path / "tok")
+    small = ["--batch-size", "2", "--seq-len", "16", "--eval-interval", "1", "--checkpoint-interval", "1", "--warmup", "0"]
+    assert cli_main(["train", "--init-from", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--max-steps", "1", "--no-progress", *small]) == 0
+    assert cli_main(["finetune", str(tmp_path / "run"), "--data", str(data), "--out", str(tmp_path / "ft"),
+                     "--steps", "1", *small]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "model").config.model_type == "revllm"
 
 
 def _tiny_run_flags(data, out):
@@ -425,3 +448,47 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys):
     assert "KL(original || converted)" in capsys.readouterr().out
     back = AutoModelForCausalLM.from_pretrained(out)
     assert back.config.midpoint_a == 1 / 8 and back.config.exact_reversal
+
+
+def test_final_norm_is_found_through_ddp_around_peft():
+    """Under torchrun the distillation loss sees DDP(PeftModel(RevLLM)); the hidden-state term needs the
+    student's final norm through both wrappers, in that order."""
+    from revllm.convert.distill import final_norm
+    from revllm.convert.finetune import add_lora
+
+    rev = convert(tiny_hf("llama", dtype=torch.float32))
+    norm = final_norm(rev)
+    peft = add_lora(rev, r=2)
+
+    class DDPLike(torch.nn.Module):  # DistributedDataParallel's shape: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert final_norm(peft) is norm and final_norm(DDPLike(peft)) is norm
+
+
+def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch):
+    """The report's default window (128) is capped at a 64-position model's table (it was an IndexError);
+    a larger --seq-len and a --report-tokens below 2 get one-line errors."""
+    import json
+    import sys
+
+    from revllm.cli import main as cli_main
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")  # n_positions=64
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    # In memory: saved next to a gpt2 config, AutoTokenizer would load it as GPT-2's own tokenizer class.
+    monkeypatch.setattr(sys.modules["revllm.convert"], "load_source_tokenizer", lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c2"), "--report-text", str(text)]) == 0
+    rep = json.loads((tmp_path / "c2" / "conversion_report.json").read_text())
+    assert rep["report_tokens"] == 300 and rep["converted_ppl"] > 0
+    for bad, msg in ((["--seq-len", "65"], "exceeds the source model's 64 positions"), (["--report-tokens", "1"], ">= 2")):
+        capsys.readouterr()
+        assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c3"), "--report-text", str(text), *bad]) == 2
+        assert msg in capsys.readouterr().err

@@ -110,6 +110,15 @@ def test_finetune_under_torchrun_matches_one_process(training, token_dir, tmp_pa
     assert max((two[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
 
 
+@pytest.mark.parametrize("lora", [0, 2])
+def test_fixed_point_distillation_runs_under_ddp(training, lora):
+    # Full fine-tuning failed at the first backward (layer 0's parameters marked ready twice); with LoRA the
+    # hidden-state term could not find the final norm through DDP(PeftModel).
+    run = training["dir"] / "ckpt" / f"ft-ddp-fixed_point-lora{lora}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and (run / "model" / "config.json").is_file()
+
+
 @pytest.mark.slow
 def test_deepspeed_zero_gradients_equal_single_process(tmp_path):
     # Optional: DeepSpeed's own engine (not through accelerate, which runs DeepSpeed only on GPUs).
@@ -164,10 +173,14 @@ def test_parallelize_rejects_bad_arguments():
 
 # -- `revllm train` under torchrun (the issue-3 loop, unchanged launch) -------------------------
 def _revllm_train(nproc, *args):
-    cmd = [sys.executable, "-m", "revllm.cli", "train", *map(str, args)]
+    _revllm(nproc, "train", *args)
+
+
+def _revllm(nproc, command, *args):
+    cmd = [sys.executable, "-m", "revllm.cli", command, *map(str, args)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "revllm.cli", "train", *map(str, args)]
+               "127.0.0.1", "--master-port", str(_free_port()), "-m", "revllm.cli", command, *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -176,7 +189,7 @@ def _revllm_train(nproc, *args):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"revllm train ({nproc} processes) hung for more than {TIMEOUT_S} s")
+        pytest.fail(f"revllm {command} ({nproc} processes) hung for more than {TIMEOUT_S} s")
     assert proc.returncode == 0, out[-4000:]
 
 
@@ -219,3 +232,16 @@ def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, t
     assert _rows(run) == full
     resumed = load_model(run).state_dict()
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_revllm_convert_distill_under_torchrun(tmp_path):
+    """`revllm convert SRC OUT --distill DATA` on 2 processes exits 0 on both: rank 0 alone writes OUT
+    (rank 1 used to try as well and failed on the existing OUT)."""
+    from hf_tiny import tiny_hf
+    from test_convert import _token_dir
+
+    tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")
+    data = _token_dir(tmp_path / "tok")
+    _revllm(2, "convert", tmp_path / "hf", tmp_path / "out", "--distill", data, "--steps", 2, "--batch-size", 2,
+            "--seq-len", 16, "--eval-interval", 2, "--checkpoint-interval", 2, "--warmup", 0, "--no-progress")
+    assert json.loads((tmp_path / "out" / "conversion_report.json").read_text())["distill"]["steps"] == 2

@@ -1,6 +1,7 @@
 """revllm eval: perplexity on token dirs / text, KL, lm-eval tasks through HFLM (built-in local task)."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -221,3 +222,29 @@ def test_generate_with_an_eos_list_and_refuses_an_empty_prompt(model_dir, capsys
     assert capsys.readouterr().out.startswith("w3 w4")
     assert main(["generate", str(path), "--prompt", "   ", "--greedy"]) == 2
     assert "the prompt has no tokens" in capsys.readouterr().err
+
+
+def test_generate_keeps_spaces_with_a_metaspace_tokenizer_and_top_k_0_is_off(model_dir, capsys, monkeypatch):
+    """SentencePiece-style tokenizers drop the first new word's space when the new ids are decoded alone;
+    `--top-k 0` must switch top-k off instead of leaving transformers' default of 50."""
+    import transformers.generation.logits_process as lp
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path, _ = model_dir
+    words = ["<unk>", "<eos>"] + [f"\u2581w{i}" for i in range(95)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["eos_token_id"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(path), "--prompt", "w3 w4", "--max-new-tokens", "4", "--greedy"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out[:2] == ["w3", "w4"] and len(out) >= 3 and all(re.fullmatch(r"w\d+", w) for w in out), out
+    built, init = [], lp.TopKLogitsWarper.__init__
+    monkeypatch.setattr(lp.TopKLogitsWarper, "__init__",
+                        lambda self, top_k, *a, **k: built.append(top_k) or init(self, top_k, *a, **k))
+    assert main(["generate", str(path), "--prompt", "w3", "--max-new-tokens", "1", "--top-k", "0"]) == 0
+    assert built == []

@@ -63,3 +63,13 @@ def test_exact_model_cached_forward_is_bitwise_the_uncached_one(block):
         plain = model(ids, use_cache=False).logits
         cached = model(ids, use_cache=True).logits
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("initial_state", ["copy", "fixed_point"])
+def test_static_cache_is_refused_with_a_clear_error(initial_state):
+    """A StaticCache pads keys to its full length, which the blocks' masks do not cover: refused in one
+    line for every initial state (not a shape error deep in attention)."""
+    model = tiny_model(block="llama", dynamics="midpoint", initial_state=initial_state).eval()
+    with pytest.raises(ValueError, match="needs a DynamicCache"):
+        model.generate(torch.randint(3, 97, (2, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")

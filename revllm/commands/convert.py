@@ -65,11 +65,18 @@ def run(args):
     ours = args.resume and (out / "conversion_report.json").is_file()
     if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
         raise RevLLMError(f"output {out} exists and is not an empty directory")
+    seq_len = args.seq_len  # as given (the training defaults fill in 128 below)
     apply_training_defaults(args)
-    win = args.seq_len or 128  # the report's windows (--seq-len; on --resume that flag stays the run's)
+    if args.report_tokens < 2:
+        raise RevLLMError(f"--report-tokens={args.report_tokens} must be >= 2 (one prediction needs two tokens)")
     dtype = getattr(torch, args.dtype)
     src_path = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     original = load_source(src_path, dtype)
+    max_pos = getattr(original.config, "max_position_embeddings", None)  # (GPT-2's n_positions maps to it)
+    if seq_len and max_pos and seq_len > max_pos:
+        raise RevLLMError(f"--seq-len {seq_len} exceeds the source model's {max_pos} positions")
+    # the report's windows: --seq-len, else 128 capped at the model's positions
+    win = seq_len or min(128, max_pos or 128)
     tokenizer = load_source_tokenizer(src_path)
     model = convert(original, dtype=dtype, **dynamics_kwargs(args))
     report = {"source": str(args.src), "dynamics": args.dynamics, "k": args.k if args.dynamics == "midpoint_a" else None,
@@ -94,6 +101,8 @@ def run(args):
         summary = run_finetune(None if args.resume else model, original, tokenizer, args.distill,
                                out.with_name(out.name + ".run"), args, distill=True)
         model = summary.pop("model")
+        if model is None:  # torchrun: ranks > 0 trained alongside; rank 0 alone writes OUT
+            return 0
         report["distill"] = summary
     # (resumed: the whole directory, report included, is swapped for the new one)
     out = save_converted(model, out, tokenizer) if not ours else save_model_atomic(model, out, tokenizer)

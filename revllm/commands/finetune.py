@@ -31,6 +31,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-interval", type=positive_int, help=f"(default {d['checkpoint_interval']})")
     g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (logs and metrics.csv only)")
     g.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
                    help="under torchrun/accelerate launch with several processes (--batch-size is per process)")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
@@ -93,11 +94,11 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
                     min_lr=None if args.lr is None else args.lr / 10,
                     warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
                     checkpoint_interval=args.checkpoint_interval, max_time=args.max_time,
-                    parallel=args.parallel)
+                    parallel=args.parallel, progress=args.progress)
 
 
 def run(args):
-    from ..convert import convert, load_source
+    from ..convert import convert
     from ..train.checkpoint import load_model, load_tokenizer, resolve_model_dir
     from .common import offline
     from .convert import dynamics_kwargs
@@ -110,7 +111,7 @@ def run(args):
     teacher = None
     if getattr(model.config, "model_type", "") != "revllm":
         teacher = model
-        model = convert(load_source(src), **dynamics_kwargs(args))
+        model = convert(teacher, **dynamics_kwargs(args))  # the model just loaded (src may be a run dir)
     if args.resume:
         model = None  # the loop restores the student from the run's latest good checkpoint
     if args.teacher:

@@ -44,7 +44,7 @@ def run(args):
     pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                            temperature=None if args.greedy else args.temperature,
-                           top_k=None if args.greedy else (args.top_k or None),
+                           top_k=None if args.greedy else args.top_k,  # 0 = off (None would mean 50)
                            top_p=None if args.greedy else args.top_p, eos_token_id=eos, pad_token_id=pad)
     torch.manual_seed(args.seed)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -53,4 +53,14 @@ def run(args):
                           f"exceeds the model's {max_pos} positions")
     with torch.no_grad():
         out = model.generate(**enc, generation_config=gen)
-    print(prompt + tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(prompt + _continuation(tok, enc["input_ids"][0].tolist(), out[0].tolist()))
+
+
+def _continuation(tok, prompt_ids: list[int], out_ids: list[int]) -> str:
+    """The text after the prompt. Decoded alone, the new ids lose their leading space with SentencePiece-style
+    (Metaspace) tokenizers and words run together: cut the prompt's decoding off the whole sequence's."""
+    full = tok.decode(out_ids, skip_special_tokens=True)
+    head = tok.decode(prompt_ids, skip_special_tokens=True)
+    if full.startswith(head):
+        return full[len(head):]
+    return tok.decode(out_ids[len(prompt_ids):], skip_special_tokens=True)

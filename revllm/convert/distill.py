@@ -22,10 +22,12 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _unwrap(model):
-    """The underlying model of a peft / accelerate wrapper."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(model, "module", model)
+    """The underlying model of peft / DDP wrappers, in any nesting (DDP(PeftModel(model)) under torchrun)."""
+    while True:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+        if inner is model:
+            return model
+        model = inner
 
 
 def final_norm(model):
@@ -142,7 +144,7 @@ class AnnealA:
         self.k_start, self.k_end, self.steps = k_start, k_end, max(int(steps), 1)
 
     def k_at(self, step: int) -> int:
-        frac = min(step / max(self.steps - 1, 1), 1.0)  # k_end is reached on the last step
+        frac = 1.0 if self.steps == 1 else min(step / (self.steps - 1), 1.0)  # k_end is reached on the last step
         return round(self.k_start - frac * (self.k_start - self.k_end))
 
     def __call__(self, model, step: int) -> int:

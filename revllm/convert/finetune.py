@@ -54,6 +54,8 @@ def _anneal_schedule(run: Path, anneal, resume: bool):
 
     path = run / "anneal.json"
     if not resume:
+        if anneal is None and not list_checkpoints(run):
+            path.unlink(missing_ok=True)  # left by an annealed start that was refused: not this run's schedule
         if anneal is not None and not list_checkpoints(run):  # (a run with checkpoints is refused by the loop)
             run.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")

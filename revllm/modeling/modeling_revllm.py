@@ -127,10 +127,14 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         # transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before): accept both.
         past_key_values = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and not self.training
-        if use_cache and past_key_values is None:
-            from transformers import DynamicCache
+        from transformers import DynamicCache
 
+        if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            # A static cache pads keys to its full length, which the blocks' masks do not cover.
+            raise ValueError(f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
+                             f"got {type(past_key_values).__name__}")
         if past_key_values is not None and self.config.initial_state == "fixed_point":
             _add_fixed_point_slot(past_key_values, self.config.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -209,13 +213,11 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 def _add_fixed_point_slot(cache, num_layers: int) -> None:
     """initial_state="fixed_point" evaluates f_0 once more, at p_0, before the stack: that evaluation
     attends over its own keys/values, so it gets one extra cache slot after the L layers' slots."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) > num_layers:
         return
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(f"initial_state='fixed_point' needs a DynamicCache for generation, got {type(cache).__name__}")
     while len(layers) <= num_layers:
         layers.append(DynamicLayer())
 

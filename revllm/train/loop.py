@@ -117,7 +117,7 @@ def _tokenizer_sha(tokenizer):
 
 
 def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
     cfg = cfg.validate()
@@ -167,7 +167,11 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and not cuda:
         raise RevLLMError(f"precision={precision} needs a GPU; use fp32 (or auto) on CPU")
-    acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda)
+    # fixed_point evaluates layer 0 twice per step, which DDP accepts only with a static graph
+    # (same choice as revllm.parallel.parallelize).
+    fixed_point = getattr(model.config, "initial_state", "copy") == "fixed_point"
+    acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda,
+                      kwargs_handlers=[DistributedDataParallelKwargs(static_graph=fixed_point)])
     world, rank = acc.num_processes, acc.process_index
     fsdp2 = cfg.parallel == "fsdp2" and world > 1
     if cfg.parallel == "fsdp2" and not fsdp2:
