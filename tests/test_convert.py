@@ -139,6 +139,19 @@ def test_unsupported_architecture_lists_supported(tmp_path):
         convert(tmp_path)
 
 
+def test_pickle_weights_are_never_loaded(tmp_path):
+    """A source directory with only pickled weights (pytorch_model.bin) is refused before anything is
+    unpickled; the same directory with safetensors converts."""
+    src = tiny_hf("gpt2", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(src.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(RevLLMError, match="no .safetensors weights"):
+        convert(tmp_path / "hf")
+    src.save_pretrained(tmp_path / "hf")
+    assert convert(tmp_path / "hf", dynamics="euler").config.dynamics == "euler"
+
+
 def test_cli_bad_source_is_one_line_error(tmp_path, capsys):
     from revllm.cli import main
 
@@ -270,6 +283,10 @@ def test_cli_finetune_lora_sft_and_anneal(tmp_path):
     assert back.config.midpoint_a == 0.5  # k annealed 3 -> 1
     assert not any("lora" in k for k in back.state_dict())  # adapters merged
     assert cli_main(["finetune", str(tmp_path / "conv"), "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+    # conversion flags on an already converted model would be ignored: refused instead
+    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--dynamics", "leapfrog", "--data", str(data),
+                     "--out", str(tmp_path / "r3")]) == 2
+    assert not (tmp_path / "r3").exists()
 
 
 def test_annealed_finetune_resumes_its_schedule_bit_identically(tmp_path):

@@ -248,3 +248,19 @@ def test_generate_keeps_spaces_with_a_metaspace_tokenizer_and_top_k_0_is_off(mod
                         lambda self, top_k, *a, **k: built.append(top_k) or init(self, top_k, *a, **k))
     assert main(["generate", str(path), "--prompt", "w3", "--max-new-tokens", "1", "--top-k", "0"]) == 0
     assert built == []
+
+
+def test_read_token_dir_reads_only_max_tokens(tmp_path):
+    from revllm.eval.perplexity import read_token_dir
+
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    assert torch.equal(read_token_dir(tmp_path, "val", max_tokens=10), torch.arange(10))
+    assert len(read_token_dir(tmp_path, "val")) == 1000
+
+
+def test_kl_runs_both_models_without_dropout_and_keeps_their_modes():
+    a = tiny_model(seed=0, dropout=0.3, dtype=torch.float64).train()
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0))
+    assert kl_divergence(a, a, ids, seq_len=16) == 0.0  # the same weights: no dropout noise between the two passes
+    assert a.training

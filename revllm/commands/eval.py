@@ -56,7 +56,7 @@ def run(args):
     for name, path in (("data", args.data), ("text", args.text)):
         if not path:
             continue
-        ids = read_token_dir(path, args.split) if name == "data" else read_text_tokens(tokenizer, path)
+        ids = read_token_dir(path, args.split, args.max_tokens) if name == "data" else read_text_tokens(tokenizer, path)
         if int(ids.max()) >= model.config.vocab_size:
             raise ValueError(f"{path} holds token id {int(ids.max())} >= the model's vocab_size={model.config.vocab_size}: "
                              "tokenize with the model's tokenizer")

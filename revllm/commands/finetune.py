@@ -55,6 +55,8 @@ def add_parser(sub):
     mode.add_argument("--sft", dest="distill", action="store_false", help="plain cross-entropy on DATA")
     p.add_argument("--teacher", help="teacher model (default: SRC itself when SRC is an original HF model)")
     add_dynamics_args(p)
+    # None = not given: the conversion flags apply only when SRC is converted here (see run)
+    p.set_defaults(dynamics=None, k=None, initial_state=None)
     add_training_args(p)
     p.set_defaults(func=run)
 
@@ -99,6 +101,7 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
 
 def run(args):
     from ..convert import convert
+    from ..errors import RevLLMError
     from ..train.checkpoint import load_model, load_tokenizer, resolve_model_dir
     from .common import offline
     from .convert import dynamics_kwargs
@@ -109,9 +112,20 @@ def run(args):
     model = load_model(src)
     tokenizer = load_tokenizer(src, required=False)
     teacher = None
+    given = [f"--{k.replace('_', '-')}" for k in ("dynamics", "k", "step_size", "initial_state") if getattr(args, k) is not None]
     if getattr(model.config, "model_type", "") != "revllm":
         teacher = model
+        for k, v in (("dynamics", "midpoint_a"), ("k", 4), ("initial_state", "fixed_point")):
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
         model = convert(teacher, **dynamics_kwargs(args))  # the model just loaded (src may be a run dir)
+    elif given:
+        raise RevLLMError(f"{args.src} is already a converted {model.config.dynamics} model: {', '.join(given)} "
+                          "apply only when SRC is an original model (convert it again from the original)")
+    elif args.memory_free != "auto":
+        on = args.memory_free == "on"
+        if on and not model.dynamics.reversible:
+            raise RevLLMError(f"--memory-free on needs a reversible dynamics; {args.src} uses {model.config.dynamics}")
+        model.config.memory_free = on
     if args.resume:
         model = None  # the loop restores the student from the run's latest good checkpoint
     if args.teacher:

@@ -55,7 +55,10 @@ def load_source(src, dtype=torch.float32):
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     if cfg.model_type not in SUPPORTED:
         raise RevLLMError(f"unsupported architecture {cfg.model_type!r}; supported: {_supported_list()}")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if not any(path.glob("*.safetensors")):  # pickled .bin / .pt weights are never loaded (they can run code)
+        raise RevLLMError(f"{path} has no .safetensors weights; pickle checkpoints (.bin) are not loaded: "
+                          "re-save the model with save_pretrained (safetensors) where you trust it")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
 
 
 def load_source_tokenizer(src):

@@ -9,6 +9,7 @@ because lm-eval resolves ``data_files`` relative to the working directory.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def builtin_tasks() -> list[str]:
 
 def _render_builtin(dst: Path) -> None:
     for y in TASKS_DIR.glob("*.yaml"):
-        (dst / y.name).write_text(y.read_text().replace("{{DATA_DIR}}", str(TASKS_DIR.resolve())))
+        # The placeholder sits inside a double-quoted YAML string: escape the path as JSON does (a valid
+        # YAML double-quoted escape), so a folder name with " or \ still parses.
+        (dst / y.name).write_text(y.read_text().replace("{{DATA_DIR}}", json.dumps(str(TASKS_DIR.resolve()))[1:-1]))
 
 
 # lm-eval's own configs of the standard zero-shot tasks (relative to lm_eval/tasks).

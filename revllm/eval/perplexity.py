@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from ..errors import RevLLMError, read_json
 
 
-def read_token_dir(path, split: str = "val") -> torch.Tensor:
-    """The ``split``.bin ids of a ``revllm data`` directory as a 1-D int64 tensor."""
+def read_token_dir(path, split: str = "val", max_tokens: int | None = None) -> torch.Tensor:
+    """The ``split``.bin ids of a ``revllm data`` directory as a 1-D int64 tensor (only the first
+    ``max_tokens`` are read: a large train split is never copied whole)."""
     d = Path(path)
     meta = read_json(d / "meta.json", f"{d} has no meta.json: not a token directory from `revllm data`")
     dtype = np.dtype(meta.get("dtype", "uint16"))
@@ -27,7 +28,7 @@ def read_token_dir(path, split: str = "val") -> torch.Tensor:
         raise RevLLMError(f"token file {f} is missing or empty")
     if f.stat().st_size % dtype.itemsize:
         raise RevLLMError(f"token file {f} is truncated (size is not a multiple of {dtype.itemsize} bytes)")
-    return torch.from_numpy(np.memmap(f, dtype=dtype, mode="r").astype(np.int64))
+    return torch.from_numpy(np.memmap(f, dtype=dtype, mode="r")[: max_tokens or None].astype(np.int64))
 
 
 def read_text_tokens(tokenizer, path) -> torch.Tensor:
@@ -92,6 +93,9 @@ def kl_divergence(reference, model, ids: torch.Tensor, seq_len: int = 512, batch
                   max_tokens: int | None = None) -> float:
     """Mean over positions of KL(reference || model) between next-token distributions, in nats."""
     device = next(model.parameters()).device
+    modes = [(m, m.training) for m in (reference, model)]
+    for m, _ in modes:
+        m.eval()  # dropout off: the KL of the two models, not of two dropout draws
     total, count = 0.0, 0
     for x in _batches(windows(ids, seq_len, max_tokens), batch_size):
         x = x.to(device)
@@ -99,4 +103,6 @@ def kl_divergence(reference, model, ids: torch.Tensor, seq_len: int = 512, batch
         lq = F.log_softmax(model(input_ids=x).logits.double(), -1)
         total += (lp.exp() * (lp - lq)).sum().item()
         count += x.numel()
+    for m, was_training in modes:
+        m.train(was_training)
     return total / count
