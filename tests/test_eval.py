@@ -264,3 +264,20 @@ def test_kl_runs_both_models_without_dropout_and_keeps_their_modes():
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0))
     assert kl_divergence(a, a, ids, seq_len=16) == 0.0  # the same weights: no dropout noise between the two passes
     assert a.training
+
+
+def test_cli_eval_warns_when_the_data_has_another_tokenizer(model_dir, tmp_path):
+    import warnings
+
+    from revllm.data.prepare import tokenizer_identity
+
+    path, _ = model_dir
+    data = tmp_path / "tok"
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 97, 300).astype(np.uint16).tofile(data / "val.bin")
+    for sha, warns in ((tokenizer_identity(_tokenizer(), "t")["sha256"], False), ("0" * 64, True)):
+        (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "tokenizer": {"name": "other", "sha256": sha}}))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert main(["eval", str(path), "--data", str(data), "--seq-len", "64"]) == 0
+        assert any("not with the model's tokenizer" in str(w.message) for w in seen) == warns

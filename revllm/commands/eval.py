@@ -57,6 +57,8 @@ def run(args):
         if not path:
             continue
         ids = read_token_dir(path, args.split, args.max_tokens) if name == "data" else read_text_tokens(tokenizer, path)
+        if name == "data" and tokenizer is not None:
+            _check_data_tokenizer(path, tokenizer)
         if int(ids.max()) >= model.config.vocab_size:
             raise ValueError(f"{path} holds token id {int(ids.max())} >= the model's vocab_size={model.config.vocab_size}: "
                              "tokenize with the model's tokenizer")
@@ -80,3 +82,18 @@ def run(args):
 
         atomic_write(Path(args.json_out), json.dumps(results, indent=1, default=str))
     return 0
+
+
+def _check_data_tokenizer(path, tokenizer) -> None:
+    """Warn when a token directory was made with another tokenizer than the model's: the ids would then
+    mean other text, and the perplexity would not be the model's on the corpus."""
+    import warnings
+    from pathlib import Path
+
+    from ..data.prepare import tokenizer_identity
+    from ..errors import read_json
+
+    made = read_json(Path(path) / "meta.json", f"{path} has no meta.json").get("tokenizer") or {}
+    if made.get("sha256") and made["sha256"] != tokenizer_identity(tokenizer, "model")["sha256"]:
+        warnings.warn(f"{path} was tokenized with {made.get('name')!r}, not with the model's tokenizer: "
+                      "its perplexity is not the model's on that corpus (re-run `revllm data` with the model's tokenizer)")
