@@ -266,23 +266,29 @@ def _plot(res):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     names = list(res["before"])
+    orig = res["before"]["original"]["perplexity"]
     ax = axes[0]
     ax.barh(names, [res["before"][n]["perplexity"] for n in names], color="tab:blue")
     ax.set_xscale("log")
-    ax.axvline(res["before"]["original"]["perplexity"], color="k", lw=0.8, ls="--")
+    ax.axvline(orig, color="k", lw=0.8, ls="--")
     ax.set_xlabel("held-out perplexity (log)")
     ax.set_title("before training")
     ax.invert_yaxis()
-    ax = axes[1]
-    for n, r in res["distill"].items():
-        ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], marker="o", label=n)
-    ax.axhline(res["before"]["original"]["perplexity"], color="k", lw=0.8, ls="--", label="original")
-    ax.set_xlabel("distillation tokens")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("distillation")
-    ax.legend()
+    # Near-Euler runs sit within a few % of the original, the retrofits start at 1e5-1e17: two scales.
+    near = {n: r for n, r in res["distill"].items() if n.startswith("midpoint_a k=") and "anneal" not in n}
+    far = {n: r for n, r in res["distill"].items() if n not in near}
+    for ax, runs, title in ((axes[1], near, "distillation: near-Euler (linear)"),
+                            (axes[2], far, "distillation: retrofits, annealing (log)")):
+        for n, r in runs.items():
+            ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], marker="o", label=n)
+        ax.axhline(orig, color="k", lw=0.8, ls="--", label="original")
+        ax.set_xlabel("distillation tokens")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
     fig.tight_layout()
     fig.savefig(OUT / "convert_smollm2.png", dpi=110)
     plt.close(fig)
