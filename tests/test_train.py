@@ -139,9 +139,9 @@ def test_config_yaml_flags_and_errors(tmp_path, token_dir):
     with pytest.raises(RevLLMError, match="not valid YAML"):
         build_config(y)
     bad = [dict(dynamics="rk4"), dict(hidden=30), dict(seq_len=64, max_positions=32), dict(seq_len=10_000),
-           dict(batch_size=0), dict(precision="bf16")]
+           dict(batch_size=0), dict(precision="bf16"), dict(seq_len=1)]
     msgs = ["dynamics='rk4' is unknown", "must divide hidden_size=30", "exceeds max_positions", "val.bin has",
-            "batch_size=0", "needs a GPU"]
+            "batch_size=0", "needs a GPU", "seq_len=1 must be >= 2"]
     for kw, msg in zip(bad, msgs):
         with pytest.raises((RevLLMError, ValueError), match=msg):
             train(tiny_train_config(token_dir, tmp_path / "r", **kw))

@@ -78,6 +78,8 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RevLLMError(f"{k}={v!r} must be a positive integer")
+        if self.seq_len < 2:  # a window of one token has nothing to predict (its loss is 0/0)
+            raise RevLLMError(f"seq_len={self.seq_len} must be >= 2: one token to predict from, one to predict")
         for k in ("warmup", "keep_last", "seed"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise RevLLMError(f"{k}={getattr(self, k)!r} must be an integer >= 0")
