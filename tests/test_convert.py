@@ -440,8 +440,9 @@ def test_real_smollm2_euler_conversion_matches_and_generates():
     assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
 
 
-def test_cli_convert_with_report_and_distill(tmp_path, capsys):
+def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
     import json
+    import sys
 
     from revllm.cli import main as cli_main
 
@@ -452,7 +453,9 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys):
 
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(tmp_path / "hf")
+    # In memory: saved next to a qwen2 config, AutoTokenizer would load it as Qwen2's own tokenizer class.
+    monkeypatch.setattr(sys.modules["revllm.convert"], "load_source_tokenizer",
+                        lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
     data = _token_dir(tmp_path / "tok")
@@ -462,6 +465,7 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys):
                      "--checkpoint-interval", "2"]) == 0
     rep = json.loads((out / "conversion_report.json").read_text())
     assert rep["converted_ppl"] > 0 and rep["kl_original_converted"] > 0 and rep["distill"]["steps"] == 2
+    assert rep["report_tokens"] == 300
     assert "KL(original || converted)" in capsys.readouterr().out
     back = AutoModelForCausalLM.from_pretrained(out)
     assert back.config.midpoint_a == 1 / 8 and back.config.exact_reversal
