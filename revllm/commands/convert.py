@@ -9,12 +9,17 @@ import argparse
 import json
 
 
+# The conversion's defaults (finetune applies them only when it converts SRC itself).
+DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point")
+
+
 def add_dynamics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dynamics", default="midpoint_a", choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
+    d = DYNAMICS_DEFAULTS
+    p.add_argument("--dynamics", default=d["dynamics"], choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
                    help="update rule (default midpoint_a: near-Euler with a = 2^-k)")
-    p.add_argument("--k", type=int, default=4, help="midpoint_a coefficient a = 2^-k (default 4)")
+    p.add_argument("--k", type=int, default=d["k"], help="midpoint_a coefficient a = 2^-k (default 4)")
     p.add_argument("--step-size", type=float, default=None, help="h (default 1.0, the residual's step)")
-    p.add_argument("--initial-state", default="fixed_point", choices=["fixed_point", "copy", "zero"],
+    p.add_argument("--initial-state", default=d["initial_state"], choices=["fixed_point", "copy", "zero"],
                    help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))")
     p.add_argument("--memory-free", choices=["auto", "on", "off"], default="auto",
                    help="reversible backward (auto: on for reversible rules that can reconstruct)")

@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from .common import positive_int
 
 
@@ -88,7 +87,6 @@ def _check_data_tokenizer(path, tokenizer) -> None:
     """Warn when a token directory was made with another tokenizer than the model's: the ids would then
     mean other text, and the perplexity would not be the model's on the corpus."""
     import warnings
-    from pathlib import Path
 
     from ..data.prepare import tokenizer_identity
     from ..errors import read_json

@@ -43,7 +43,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub):
-    from .convert import add_dynamics_args
+    from .convert import DYNAMICS_DEFAULTS, add_dynamics_args
 
     p = sub.add_parser("finetune", help="distillation or supervised fine-tuning of a converted model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +56,7 @@ def add_parser(sub):
     p.add_argument("--teacher", help="teacher model (default: SRC itself when SRC is an original HF model)")
     add_dynamics_args(p)
     # None = not given: the conversion flags apply only when SRC is converted here (see run)
-    p.set_defaults(dynamics=None, k=None, initial_state=None)
+    p.set_defaults(**dict.fromkeys(DYNAMICS_DEFAULTS))
     add_training_args(p)
     p.set_defaults(func=run)
 
@@ -104,7 +104,7 @@ def run(args):
     from ..errors import RevLLMError
     from ..train.checkpoint import load_model, load_tokenizer, resolve_model_dir
     from .common import offline
-    from .convert import dynamics_kwargs
+    from .convert import DYNAMICS_DEFAULTS, dynamics_kwargs
 
     offline()
     apply_training_defaults(args)
@@ -115,7 +115,7 @@ def run(args):
     given = [f"--{k.replace('_', '-')}" for k in ("dynamics", "k", "step_size", "initial_state") if getattr(args, k) is not None]
     if getattr(model.config, "model_type", "") != "revllm":
         teacher = model
-        for k, v in (("dynamics", "midpoint_a"), ("k", 4), ("initial_state", "fixed_point")):
+        for k, v in DYNAMICS_DEFAULTS.items():
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
         model = convert(teacher, **dynamics_kwargs(args))  # the model just loaded (src may be a run dir)
     elif given:

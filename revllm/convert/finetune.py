@@ -54,9 +54,11 @@ def _anneal_schedule(run: Path, anneal, resume: bool):
 
     path = run / "anneal.json"
     if not resume:
-        if anneal is None and not list_checkpoints(run):
+        if list_checkpoints(run):  # refused by the loop
+            return anneal, 0
+        if anneal is None:
             path.unlink(missing_ok=True)  # left by an annealed start that was refused: not this run's schedule
-        if anneal is not None and not list_checkpoints(run):  # (a run with checkpoints is refused by the loop)
+        else:
             run.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps({"k_start": anneal.k_start, "k_end": anneal.k_end, "steps": anneal.steps}))

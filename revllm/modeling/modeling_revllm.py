@@ -16,7 +16,7 @@ import warnings
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..blocks import BACKBONES
@@ -127,8 +127,6 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         # transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before): accept both.
         past_key_values = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and not self.training
-        from transformers import DynamicCache
-
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if past_key_values is not None and not isinstance(past_key_values, DynamicCache):

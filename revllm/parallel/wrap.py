@@ -96,13 +96,16 @@ def parallelize(
         model.to(device)
     device = next(model.parameters()).device
     if mode == "ddp":
-        fixed_point = getattr(model.config, "initial_state", "copy") == "fixed_point"
         return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            static_graph=fixed_point,  # layer 0 is evaluated twice per step, see module docstring
+            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=ddp_static_graph(model)
         )
     return _fully_shard(model, _mp_policy(mp_policy), reshard_after_forward, mesh)
+
+
+def ddp_static_graph(model) -> bool:
+    """DDP needs ``static_graph=True`` for the fixed-point start: layer 0 is evaluated twice per step
+    (see the module docstring)."""
+    return getattr(model.config, "initial_state", "copy") == "fixed_point"
 
 
 def _mp_policy(mp_policy):

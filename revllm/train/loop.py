@@ -47,7 +47,7 @@ from ..errors import RevLLMError
 from . import checkpoint as ckpt_io
 from .config import ARCH_KEYS, RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
-from ..parallel import gradient_sync
+from ..parallel import ddp_static_graph, gradient_sync
 
 CSV_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", "mem_mb", "elapsed_s"]
 
@@ -167,11 +167,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and not cuda:
         raise RevLLMError(f"precision={precision} needs a GPU; use fp32 (or auto) on CPU")
-    # fixed_point evaluates layer 0 twice per step, which DDP accepts only with a static graph
-    # (same choice as revllm.parallel.parallelize).
-    fixed_point = getattr(model.config, "initial_state", "copy") == "fixed_point"
     acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda,
-                      kwargs_handlers=[DistributedDataParallelKwargs(static_graph=fixed_point)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(static_graph=ddp_static_graph(model))])
     world, rank = acc.num_processes, acc.process_index
     fsdp2 = cfg.parallel == "fsdp2" and world > 1
     if cfg.parallel == "fsdp2" and not fsdp2:
