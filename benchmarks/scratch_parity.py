@@ -153,7 +153,7 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
         extra["exact_reversal"] = True
     if dyn == "midpoint_a":
         extra["midpoint_a"] = midpoint_a_value(settings["a_dist"], layers, seed, args.exact)
-    rid = f"{phase}-{family}{layers}-{rule}-{slug(settings)}-t{args.tokens:g}-s{seed}"
+    rid = f"{phase}-{family}{layers}-{rule}-{slug(settings)}-t{args.tokens / 1e6:g}M-s{seed}"
     return {"id": rid, "phase": phase, "family": family, "layers": layers, "rule": rule, "settings": settings,
             "seed": seed, "tokens_budget": args.tokens, "train": train, "model_extra": extra, "vocab_size": vocab_size}
 

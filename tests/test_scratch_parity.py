@@ -159,7 +159,7 @@ def test_document_split_needs_enough_documents(tmp_path):
 def test_partial_run_resumes_and_completed_runs_are_skipped(tmp_path):
     args = _args(tmp_path, "--rules", "euler,midpoint_a", "--zero-shot-task", "")
     assert sp.main(args + ["--stop-after", "3"]) == 3  # the first run is "killed" after its step-3 checkpoint
-    run = tmp_path / "out" / "runs" / "final-llama2-euler-lr0.002-t192-s0"
+    run = tmp_path / "out" / "runs" / "final-llama2-euler-lr0.002-t0.000192M-s0"
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000003"]
     assert not (run / "result.json").exists()
     assert not (tmp_path / "res" / "sp.json").exists()
@@ -168,9 +168,9 @@ def test_partial_run_resumes_and_completed_runs_are_skipped(tmp_path):
     log = (run / "metrics.csv").read_text().splitlines()
     assert [int(x.split(",")[0]) for x in log[1:]] == [1, 2, 3, 4, 5, 6]  # one history, no restart
     res = json.loads((tmp_path / "res" / "sp.json").read_text())
-    assert sorted(res["runs"]) == ["final-llama2-euler-lr0.002-t192-s0",
-                                   "final-llama2-midpoint_a-apaper_lr0.002_h1-t192-s0"]
-    r = res["runs"]["final-llama2-midpoint_a-apaper_lr0.002_h1-t192-s0"]
+    assert sorted(res["runs"]) == ["final-llama2-euler-lr0.002-t0.000192M-s0",
+                                   "final-llama2-midpoint_a-apaper_lr0.002_h1-t0.000192M-s0"]
+    r = res["runs"]["final-llama2-midpoint_a-apaper_lr0.002_h1-t0.000192M-s0"]
     assert r["status"] == "ok" and r["memory_free"] and r["exact_reversal"] and r["steps"] == 6
     assert r["val_tokens_scored"] > 0 and len(r["curve"]) == 6
     md = (tmp_path / "res" / "sp.md").read_text()
