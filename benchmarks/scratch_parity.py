@@ -650,7 +650,8 @@ def main(argv=None) -> int:
         if res["status"] == "partial":
             print(f"    stopped early (partial; rerun to resume)", flush=True)
             return 3
-        results["runs"][spec["id"]] = {k: v for k, v in spec.items() if k != "vocab_size"} | res
+        results["runs"][spec["id"]] = {k: v for k, v in spec.items() if k != "vocab_size"} | res | {
+            "command": results["command"]}  # the header's command is the latest invocation's
         write_all(prefix, results)
         print(f"    {res['status']}: " + (f"val {res['val_loss']:.4f}, {res['tokens_per_s']:,.0f} tok/s, act "
                                          f"{res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB, "
