@@ -8,6 +8,9 @@ works. Documents are separated by the tokenizer's end-of-text token.
 Validation split: the token stream is cut into blocks of ``VAL_BLOCK`` tokens and the last
 ``val_fraction`` of each block goes to val.bin. This needs no second pass, spreads the held-out text
 over the whole corpus, and gives a non-empty val split for any non-empty input (even one file).
+With ``split="document"`` whole documents are held out instead (a text file, a JSONL line or a dataset
+row is one document): document i goes to val.bin when floor((i+1) f) > floor(i f), i.e. every 1/f-th
+document, so no held-out text shares a document with the training text (needs >= 1/f documents).
 
 dtype: uint16 when the vocabulary fits (<= 65536 ids), else uint32. ``meta.json`` records the
 tokenizer's identity (name, sha256 of tokenizer.json, vocab size, separator id) and is written last and
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -109,6 +113,18 @@ def _documents(kind: str, path: Path, text_key: str):
                     yield [text or ""], True
 
 
+def documents(inputs, text_key: str = "text"):
+    """Yield each input document's full text, numbered as ``prepare_tokens`` numbers them (so
+    ``held_out(i, f)`` says which go to val.bin under ``split="document"``)."""
+    for kind, path in _expand(inputs):
+        parts = []
+        for pieces, doc_end in _documents(kind, path, text_key):
+            parts.extend(pieces)
+            if doc_end:
+                yield "".join(parts)
+                parts = []
+
+
 def tokenizer_identity(tokenizer, source: str) -> dict:
     """What identifies a tokenizer: its name/source, vocab size, separator id and a content hash."""
     import tempfile
@@ -125,14 +141,23 @@ def tokenizer_identity(tokenizer, source: str) -> dict:
             "vocab_size": len(tokenizer), "separator_id": int(sep)}
 
 
-def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True) -> dict:
-    """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``)."""
+def held_out(i: int, fraction: float) -> bool:
+    """Document i goes to val: every 1/fraction-th document, spread evenly over the input order."""
+    return int((i + 1) * fraction) > int(i * fraction)
+
+
+def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True,
+                   split="block") -> dict:
+    """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
+    ``split``: ``block`` (a fraction of every 64k-token block) or ``document`` (whole documents held out)."""
     from tqdm.auto import tqdm
 
     from ..train.checkpoint import load_tokenizer
 
     if not 0.0 < val_fraction < 0.5:
         raise RevLLMError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
+    if split not in ("block", "document"):
+        raise RevLLMError(f"split={split!r} is unknown; allowed: block, document")
     sources = _expand(inputs)
     tok = load_tokenizer(tokenizer)
     ident = tokenizer_identity(tok, str(tokenizer))
@@ -146,12 +171,19 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
 
     def flush(final=False):
         nonlocal buf
+        if split == "document":  # the whole buffer belongs to the current document's split
+            if buf:
+                dest = "val" if held_out(n_docs, val_fraction) else "train"
+                np.asarray(buf, dtype=dtype).tofile(files[dest])
+                counts[dest] += len(buf)
+                buf = []
+            return
         while buf and (len(buf) >= VAL_BLOCK or final):
             block, buf = buf[:VAL_BLOCK], buf[VAL_BLOCK:]
             n_val = max(1, int(round(len(block) * val_fraction)))
-            for split, part in (("train", block[:-n_val]), ("val", block[-n_val:])):
-                np.asarray(part, dtype=dtype).tofile(files[split])
-                counts[split] += len(part)
+            for name, part in (("train", block[:-n_val]), ("val", block[-n_val:])):
+                np.asarray(part, dtype=dtype).tofile(files[name])
+                counts[name] += len(part)
 
     files = {s: open(p, "wb") for s, p in tmp.items()}
     try:
@@ -166,8 +198,8 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
                                 bar.update(len(text.encode("utf-8")))
                         if doc_end:
                             buf.append(ident["separator_id"])
-                            n_docs += 1
-                        flush()
+                        flush()  # before n_docs moves on: a by-document split routes buf by it
+                        n_docs += doc_end
                 except UnicodeDecodeError as e:  # past the head that _looks_binary sniffed
                     raise RevLLMError(f"{path} is not UTF-8 text ({e.reason} at a byte {e.start} of a read chunk)") from None
             flush(final=True)
@@ -175,6 +207,9 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
             f.close()
         if counts["train"] < 2 or sum(counts.values()) <= n_docs:
             raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
+        if split == "document" and counts["val"] == 0:
+            raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
+                              f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
         # Everything is written beside the old files first; then meta.json goes (the dir reads as
         # incomplete), the renames happen, and the new meta.json comes last.
         tok_tmp = out / ".tokenizer.tmp"
@@ -188,7 +223,7 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
         os.replace(tok_tmp, tok_dir)
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
-                "val_fraction": val_fraction, "requested": [str(p) for p in inputs],
+                "val_fraction": val_fraction, "split": split, "requested": [str(p) for p in inputs],
                 "inputs": [str(p) for _, p in sources]}
         tmp_meta = out / ".meta.json.tmp"
         tmp_meta.write_text(json.dumps(meta, indent=1))
