@@ -48,13 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own flags, unchanged: they never meet revllm's parser
+        from .commands.lm_eval import run_cli
+
+        try:
+            return run_cli(argv[1:])
+        except RevLLMError as e:
+            print(f"revllm lm-eval: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's error (and its --help hint), not the top-level one
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _close_distributed()
+        return code
     except KeyboardInterrupt:
         print(f"revllm {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -62,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"revllm {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _close_distributed() -> None:
+    """Under torchrun / accelerate launch: all ranks meet, then the process group is destroyed before the
+    interpreter exits. Left to interpreter teardown, ~ProcessGroupGloo can join a gloo worker thread that
+    waits for the GIL the tearing-down thread holds, and the process hangs at exit."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -242,3 +242,100 @@ def test_messages_during_training_are_not_glued_to_the_bar(tmp_path, token_dir):
             warnings.simplefilter("always")
             warnings.warn("drift above threshold")
     assert buf.getvalue() == "warning: drift above threshold\n"
+
+
+# -- 3/4. several processes: validation windows, rank 0's summary, activation memory, world-size resume --
+def _launch(nproc, *args):
+    """`revllm ARGS` under torchrun with nproc processes (CPU, gloo); returns (stdout, stderr)."""
+    from test_distributed import TIMEOUT_S, _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "revllm.cli", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout, r.stderr
+
+
+DIST = ["--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32, "--max-steps", 4, "--warmup", 2,
+        "--lr", 3e-3, "--eval-interval", 2, "--eval-iters", 2, "--checkpoint-interval", 2, "--keep-last", 0,
+        "--log-interval", 1, "--no-progress", "--loss-chunk-size", 32, "--dynamics", "hamiltonian", "--batch-size", 2]
+
+
+@pytest.mark.slow
+def test_two_processes_validate_like_one_and_resume_on_one(tmp_path, token_dir, capsys):
+    """2 processes x batch 2 (DDP) against 1 process x batch 2 x grad_accum 2 (the same rows per step):
+    the same validation loss (same windows, whatever the world size), one summary line (rank 0's), and a
+    resume on 1 process keeps the global batch by doubling grad_accum and ends where the 1-process run does.
+    FSDP2 counts the same activation bytes as DDP and as one process with the same per-process batch."""
+    import json
+
+    ddp = tmp_path / "ddp"
+    out, _ = _launch(2, "train", "--data", token_dir, "--out", ddp, *DIST, "--stop-after", 2)
+    assert out.count("val loss") == 1, out  # only rank 0 prints the summary
+    ddp_act = json.loads((ddp / "summary.json").read_text())["activation_mb"]
+    one = tmp_path / "one"
+    ref = train(tiny_train_config(token_dir, one, dynamics="hamiltonian", batch_size=2, grad_accum=2, max_steps=4,
+                                  eval_interval=2, checkpoint_interval=2))
+    two_rows, one_rows = _rows(ddp), _rows(one)
+    assert two_rows[1]["val_loss"] and abs(float(two_rows[1]["val_loss"]) - float(one_rows[1]["val_loss"])) <= 1e-5
+    # resume the 2-process run on 1 process: grad_accum 1 -> 2 keeps the global batch of 4 rows
+    capsys.readouterr()
+    s = train(tiny_train_config(token_dir, ddp, resume=True, batch_size=2), explicit={"resume", "out"})
+    assert "resuming on 1 process(es) instead of 2: grad_accum 1 -> 2 keeps the global batch of 4 rows per step" \
+        in capsys.readouterr().err
+    assert s["steps"] == 4 and s["tokens"] == ref["tokens"]
+    w2, w1 = load_model(ddp).state_dict(), load_model(one).state_dict()
+    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) <= 1e-5
+    assert abs(s["val_loss"] - ref["val_loss"]) <= 1e-5
+    # activation memory: FSDP2 (its gathered weights excluded) = DDP = one process, batch 2 per process
+    fsdp = tmp_path / "fsdp"
+    _launch(2, "train", "--data", token_dir, "--out", fsdp, *DIST, "--stop-after", 1, "--parallel", "fsdp2")
+    single = train(tiny_train_config(token_dir, tmp_path / "single", dynamics="hamiltonian", batch_size=2, max_steps=1))
+    acts = {"ddp": ddp_act, "fsdp2": json.loads((fsdp / "summary.json").read_text())["activation_mb"],
+            "one": single["activation_mb"]}
+    assert acts["fsdp2"] == acts["ddp"] == acts["one"] > 0, acts
+
+
+# -- 6. lm-eval's command line on a revllm model -------------------------------------------------------
+def test_revllm_lm_eval_hands_its_arguments_to_lm_eval_and_refuses_remote_code(capsys):
+    assert main(["lm-eval", "run", "--help"]) == 0  # lm-eval's own --help: the arguments reach its parser unchanged
+    assert "--model_args" in capsys.readouterr().out
+    for bad in (["--trust_remote_code"], ["--model_args", "pretrained=x,trust_remote_code=True"]):
+        assert main(["lm-eval", "--model", "hf", "--tasks", "t", *bad]) == 2
+        assert capsys.readouterr().err.startswith("revllm lm-eval: error: trust_remote_code is refused")
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its whole task registry: about 2 minutes on the shared 2-core machine
+def test_revllm_lm_eval_runs_lm_evals_cli_on_a_saved_model(tmp_path, tiny_tokenizer):
+    """`lm_eval --model hf --model_args pretrained=DIR` alone fails on a revllm dir (unknown model type);
+    `revllm lm-eval` with the same arguments runs lm-eval's CLI on it, no device flag, no remote code."""
+    import json
+
+    import revllm
+    from conftest import tiny_config
+    from transformers import AutoTokenizer
+
+    from revllm.eval.harness import _render_builtin
+
+    model_dir, tasks, out = tmp_path / "model", tmp_path / "tasks", tmp_path / "out"
+    tasks.mkdir()
+    _render_builtin(tasks)  # the built-in revllm_commonsense task, a local JSONL
+    torch.manual_seed(0)
+    revllm.RevLLMForCausalLM(tiny_config(vocab_size=300)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(model_dir)
+    args = ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", "revllm_commonsense",
+            "--include_path", tasks, "--limit", "4", "--batch_size", "2", "--output_path", out]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    plain = subprocess.run([sys.executable, "-m", "lm_eval", *map(str, args)], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert plain.returncode != 0 and "revllm" in plain.stderr  # what the user met: lm-eval alone cannot load it
+    r = _cli("lm-eval", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "revllm_commonsense" in r.stdout and "acc" in r.stdout  # lm-eval's own results table
+    result = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert 0.0 <= result["results"]["revllm_commonsense"]["acc,none"] <= 1.0
+    r = _cli("lm-eval", "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
+             "--tasks", "revllm_commonsense")
+    assert r.returncode == 2 and r.stderr.strip() == ("revllm lm-eval: error: trust_remote_code is refused: revllm's "
+                                                      "classes are registered by this command (no remote code runs); drop it")

@@ -470,5 +470,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         tmp = run / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run / "summary.json")
+    # Every rank leaves together, its collectives done (the launcher's caller destroys the process group:
+    # revllm.cli does; a library caller may still need the group, e.g. to gather a model after training).
+    acc.wait_for_everyone()
     return summary
 
