@@ -43,7 +43,7 @@ def _all_finite(run):
 
 # -- 1. non-finite checkpoints --------------------------------------------------------------------
 def test_nonfinite_counts_nan_and_inf_not_large_values():
-    ts = [torch.ones(3), torch.tensor([1e38, -3e38]), torch.zeros(0), torch.arange(3)]
+    ts = [torch.ones(3), torch.tensor([1e38, -3e38]), torch.full((5,), 1e30), torch.zeros(0), torch.arange(3)]
     assert ckpt_io.nonfinite(ts) == 0  # huge finite values do not overflow a max-abs reduction
     ts += [torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")], dtype=torch.bfloat16)]
     assert ckpt_io.nonfinite(ts) == 2

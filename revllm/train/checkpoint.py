@@ -101,15 +101,24 @@ def latest_good(run: Path, action: str = "resuming from") -> Path | None:
 
 
 def nonfinite(tensors) -> int:
-    """How many of ``tensors`` hold a NaN or an inf: one fused max-abs reduction per dtype/device group
-    (``torch._foreach_norm`` with ord=inf never overflows, and NaN propagates) and a single sync.
-    DTensors (FSDP2 shards) are checked on their local shard."""
+    """How many of ``tensors`` hold a NaN or an inf. Screened by one fused reduction (``torch._foreach_norm``,
+    ord 2: NaN and inf propagate; on CPU it is ~8x faster than ord inf) and one sync per device; a norm
+    that is not finite (a NaN/inf, or squares of huge finite values overflowing) is then confirmed with
+    ``isfinite`` on that tensor alone, so the count is exact. DTensors (FSDP2 shards): the local shard."""
     local = [getattr(t, "_local_tensor", t).detach() for t in tensors]
     local = [t for t in local if t.numel() and t.is_floating_point()]
     if not local:
         return 0
-    norms = torch._foreach_norm(local, float("inf"))
-    return int((~torch.stack([n.float().cpu() for n in norms]).isfinite()).sum())
+    by_device: dict = {}
+    for t, n in zip(local, torch._foreach_norm(local, 2)):
+        by_device.setdefault(n.device, ([], []))
+        by_device[n.device][0].append(t)
+        by_device[n.device][1].append(n.float())
+    bad = 0
+    for ts, ns in by_device.values():
+        flagged = (~torch.stack(ns).isfinite()).nonzero().flatten().tolist()  # the sync; usually empty
+        bad += sum(not bool(torch.isfinite(ts[i]).all()) for i in flagged)
+    return bad
 
 
 def optimizer_tensors(optimizer) -> list:
