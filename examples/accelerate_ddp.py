@@ -1,7 +1,9 @@
 """Train a small reversible LM with Hugging Face accelerate (DDP, or FSDP2 through its plugin).
 
-    accelerate launch --num_processes 2 examples/accelerate_ddp.py --tokens tokens.npy --steps 100
-    # CPU only (gloo):   accelerate launch --cpu --num_processes 2 examples/accelerate_ddp.py ...
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_ddp.py --tokens tokens.npy --steps 100
+    # CPU only (gloo): the same command. accelerate's --multi_gpu is what starts N processes (torchrun);
+    # on a machine without CUDA this script then joins them with gloo. `accelerate launch --cpu` always
+    # starts ONE process, whatever --num_processes says ("NO on 1 process(es)").
     # FSDP2:             accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
     #                        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP examples/accelerate_ddp.py ...
 
@@ -84,7 +86,13 @@ def main(argv=None):
         acc.print(f"step {step + 1} loss {acc.reduce(total, 'mean').item():.6f}")
         if args.ckpt and args.save_every and (step + 1) % args.save_every == 0:
             save_sharded(args.ckpt, model, opt, state={"step": step + 1})
-    acc.end_training()
+    # The barrier before tearing down gloo: without it, a rank could free the DDP model (whose reducer holds
+    # the last reference to the process group) while a gloo worker thread was still releasing the last
+    # all-reduce's tensors; ~ProcessGroupGloo then joins that thread holding the GIL the thread waits for,
+    # and the process hangs at exit (seen in 2 of 4 CPU runs). Then the group is destroyed, then the model.
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group
+    del model, opt
 
 
 if __name__ == "__main__":

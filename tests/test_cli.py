@@ -107,9 +107,9 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
         f.truncate(64)
     assert main(["generate", str(newest), "--prompt", "x", "--greedy", "--max-new-tokens", "2"]) == 2
     assert "corrupted" in _err(capsys)
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        assert main(["train", "--data", str(token_dir), "--out", str(run), "--resume", "--max-steps", "3",
-                     "--no-progress"]) == 0
+    assert main(["train", "--data", str(token_dir), "--out", str(run), "--resume", "--max-steps", "3",
+                 "--no-progress"]) == 0
+    assert "is corrupted (" in capsys.readouterr().err
     # resumed from step 1 (the good one); step 2 was redone and replaced the corrupted copy; keep_last=2
     assert [c.name for c in ckpt_io.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
     for c in ckpt_io.list_checkpoints(run):

@@ -67,7 +67,7 @@ def test_run_stopped_by_stop_after_resumes_to_max_steps(tmp_path, token_dir):
     _assert_same(_weights(part), _weights(full))
 
 
-def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir):
+def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir, capsys):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run))
     good, bad = ckpt_io.list_checkpoints(run)
@@ -79,12 +79,16 @@ def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir):
         ckpt_io.verify(bad)
     with pytest.raises(CheckpointError, match="corrupted"):
         load_model(bad)
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        assert ckpt_io.latest_good(run) == good
+    capsys.readouterr()
+    assert ckpt_io.latest_good(run) == good
+    # one plain line (no warning category, no source path)
+    assert capsys.readouterr().err == ("checkpoint step_00000006 is corrupted (model/model.safetensors does not match "
+                                       "its sha256); resuming from step_00000003\n")
     with open(good / "trainer_state.safetensors", "r+b") as f:  # truncated
         f.truncate(100)
-    with pytest.warns(UserWarning), pytest.raises(RevLLMError, match="no good checkpoint"):
+    with pytest.raises(RevLLMError, match="no good checkpoint"):
         train(tiny_train_config(token_dir, run, resume=True), explicit={"resume"})
+    assert "no good checkpoint is left" in capsys.readouterr().err
     (tmp_path / "empty" / "checkpoints" / "step_00000001").mkdir(parents=True)  # no manifest: incomplete
     with pytest.raises(CheckpointError, match="incomplete"):
         ckpt_io.verify(tmp_path / "empty" / "checkpoints" / "step_00000001")
@@ -208,16 +212,16 @@ def test_custom_loss_fn_and_teacher(tmp_path, token_dir):
     assert seen[0] == (4, 32)
 
 
-def test_keep_last_never_prunes_good_checkpoints_for_a_newer_corrupted_one(tmp_path, token_dir):
+def test_keep_last_never_prunes_good_checkpoints_for_a_newer_corrupted_one(tmp_path, token_dir, capsys):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run))  # checkpoints 3 and 6
     bad = run / "checkpoints" / "step_00000006" / "model" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[:64])  # corrupted: resume continues from step 3
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        train(tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
-              explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"})
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        assert ckpt_io.latest_good(run).name == "step_00000004"
+    train(tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
+          explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"})
+    assert "checkpoint step_00000006 is corrupted" in capsys.readouterr().err
+    assert ckpt_io.latest_good(run).name == "step_00000004"
+    assert "resuming from step_00000004" in capsys.readouterr().err
 
 
 def test_yaml_numbers_and_limits_are_checked(tmp_path, token_dir):

@@ -134,6 +134,8 @@ def run(args):
         teacher = None
     summary = run_finetune(model, teacher, tokenizer, args.data, args.out, args, distill=args.distill)
     summary.pop("model")
+    if summary.get("rank", 0) != 0:  # under torchrun the summary is rank 0's alone
+        return 0
     print(json.dumps(summary, indent=1))
     print(f"saved to {Path(args.out) / 'model'}")
     return 0

@@ -28,6 +28,7 @@ FLAGS = {
     "min_lr": (float, "final learning rate of the cosine"),
     "warmup": (int, "linear warmup steps"),
     "max_steps": (int, "optimizer steps"),
+    "schedule_steps": (int, "steps the warmup + cosine lr schedule plans (default --max-steps; kept on --resume)"),
     "weight_decay": (float, "AdamW decoupled weight decay"),
     "beta1": (float, "AdamW beta1"),
     "beta2": (float, "AdamW beta2"),
@@ -82,6 +83,8 @@ def run(args):
 
         explicit |= set(load_yaml(args.config))
     s = train(cfg, explicit=explicit)
+    if s["rank"] != 0:  # under torchrun / accelerate launch the summary line is rank 0's alone
+        return 0
     print(f"{s['run']}: {s['steps']} steps, val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.1f}), "
           f"{s['tokens_per_s']:,.0f} tok/s, activations {s['activation_mb']:.1f} MB, peak {s['peak_mb']:.0f} MB"
           + (f"; stopped early: {s['stopped_early']}" if s["stopped_early"] else ""))

@@ -9,7 +9,10 @@ Layout of ``RUN/checkpoints/step_XXXXXXXX/``::
 
 The directory is built under a temporary name and ``os.replace``-d into place, so a crash or a full
 disk never leaves a half-written ``step_*``; a directory without a valid manifest is refused
-(``CheckpointError``) and ``latest_good`` skips it with a warning. Nothing is ever unpickled.
+(``CheckpointError``) and ``latest_good`` skips it with one plain line on stderr. The temporary name
+carries the writer's host and pid, so ``remove_stale_temps`` (run at the start of training) removes
+only what dead writers left. Nothing is ever unpickled; weights that are not finite are never saved
+and never loaded (``nonfinite``).
 
 ``load_model(path)`` / ``load_tokenizer(path)`` accept a run dir (its latest good checkpoint), a
 checkpoint dir, or any HF model dir; generate/eval/bench use them.
@@ -20,10 +23,12 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
+import socket
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, RevLLMError, read_json
@@ -71,14 +76,88 @@ def list_checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
 
 
-def latest_good(run: Path) -> Path | None:
-    """Newest checkpoint that verifies; bad ones are skipped with a warning (never deleted)."""
+def say(msg: str) -> None:
+    """One plain line on stderr that does not glue itself to a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def latest_good(run: Path, action: str = "resuming from") -> Path | None:
+    """Newest checkpoint that verifies; each bad one is skipped (never deleted) with one plain line,
+    ``checkpoint step_N is corrupted (reason); <action> step_M``."""
+    skipped = []
+    good = None
     for ckpt in reversed(list_checkpoints(run)):
         try:
-            return verify(ckpt)
+            good = verify(ckpt)
+            break
         except CheckpointError as e:
-            warnings.warn(f"skipping bad checkpoint: {e}")
-    return None
+            reason = str(e).replace(f"checkpoint {ckpt} is ", "").removesuffix("; refusing it").removeprefix("corrupted: ")
+            skipped.append(f"checkpoint {ckpt.name} is corrupted ({reason})")
+    for line in skipped:
+        say(f"{line}; " + (f"{action} {good.name}" if good else "no good checkpoint is left"))
+    return good
+
+
+def nonfinite(tensors) -> int:
+    """How many of ``tensors`` hold a NaN or an inf. Screened by one fused reduction (``torch._foreach_norm``,
+    ord 2: NaN and inf propagate; on CPU it is ~8x faster than ord inf) and one sync per device; a norm
+    that is not finite (a NaN/inf, or squares of huge finite values overflowing) is then confirmed with
+    ``isfinite`` on that tensor alone, so the count is exact. DTensors (FSDP2 shards): the local shard."""
+    local = [getattr(t, "_local_tensor", t).detach() for t in tensors]
+    local = [t for t in local if t.numel() and t.is_floating_point()]
+    if not local:
+        return 0
+    by_device: dict = {}
+    for t, n in zip(local, torch._foreach_norm(local, 2)):
+        by_device.setdefault(n.device, ([], []))
+        by_device[n.device][0].append(t)
+        by_device[n.device][1].append(n.float())
+    bad = 0
+    for ts, ns in by_device.values():
+        flagged = (~torch.stack(ns).isfinite()).nonzero().flatten().tolist()  # the sync; usually empty
+        bad += sum(not bool(torch.isfinite(ts[i]).all()) for i in flagged)
+    return bad
+
+
+def optimizer_tensors(optimizer) -> list:
+    return [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+# -- stale temporary directories ----------------------------------------------------------------
+def _temp_name(kind: str, name: str) -> str:
+    return f".{kind}-{name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _writer_alive(dirname: str) -> bool:
+    """Whether the writer named by a ``.tmp-``/``.old-`` directory may still be running. Names carry
+    ``HOST-PID`` (older ones just ``PID``, taken as this host); another host's writer cannot be checked
+    from here, so it counts as alive."""
+    parts = dirname.split("-")
+    pid, host = parts[-1], "-".join(parts[3:-1]) or socket.gethostname()
+    if not pid.isdigit() or host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(run: Path) -> list[str]:
+    """Remove the ``.tmp-*`` / ``.old-*`` directories that dead writers on this host left in
+    RUN/checkpoints (a crash or a full disk during a save); a live writer's are never touched."""
+    root = Path(run) / "checkpoints"
+    removed = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and d.name.startswith((".tmp-", ".old-")) and not _writer_alive(d.name):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    return removed
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -107,7 +186,7 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / _temp_name("tmp", final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -125,16 +204,17 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         write_manifest(tmp)
         if final.exists():  # re-saving the same step: move the old one aside, never delete it first
-            old = root / f".old-{final.name}-{os.getpid()}"
+            old = root / _temp_name("old", final.name)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a full disk reaches us as either (safetensors' own error type)
         shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
         raise CheckpointError(
-            f"could not save checkpoint step {step} ({e.strerror or e}); earlier checkpoints are untouched"
+            f"could not save checkpoint step {step} ({why}); earlier checkpoints are untouched"
         ) from None
     if keep_last > 0:
         # Prune only up to the one just written: newer ones (a resumed run's abandoned future, possibly
@@ -206,11 +286,17 @@ def load_model(path, dtype=torch.float32):
         return load_source(path, dtype)
     d = resolve_model_dir(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
-                                                    trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                     trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot load model from {d}: {msg}") from None
+    params = list(model.parameters())
+    bad = nonfinite(params)
+    if bad:  # its logits would be NaN: generation would print only the prompt, eval a loss of nan
+        raise CheckpointError(f"model {d} has non-finite weights (NaN/inf in {bad} of {len(params)} tensors); "
+                              "refusing it: use an earlier checkpoint")
+    return model
 
 
 def load_tokenizer(path, required: bool = True):

@@ -45,6 +45,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup: int = 20
     max_steps: int = 200
+    schedule_steps: int | None = None  # steps the warmup + cosine plans (default max_steps); a resume keeps it
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -87,6 +88,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             if "float" in str(f.type) and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise RevLLMError(f"{f.name}={v!r} must be a number")
+        if self.schedule_steps is not None and (not isinstance(self.schedule_steps, int) or self.schedule_steps < 1):
+            raise RevLLMError(f"schedule_steps={self.schedule_steps!r} must be a positive integer")
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
             raise RevLLMError(f"stop_after={self.stop_after!r} must be a step >= 1")
         if self.max_time is not None and not self.max_time > 0:

@@ -20,8 +20,14 @@ Device placement, mixed precision (bf16 autocast on a bf16-capable GPU, fp32 on 
 control go through ``accelerate.Accelerator``, so ``accelerate launch`` / ``torchrun`` need no rewrite.
 Several processes: ``cfg.parallel`` = ``ddp`` (accelerate's DDP wrapper) or ``fsdp2`` (revllm.parallel
 shards each layer; accelerate only places the optimizer). ``batch_size`` is per process: every rank draws
-the same global batch from the shared sampler and takes its own rows, so rank 0's sampler state is the
-run's. Checkpoints keep the single-process format (FSDP2 gathers full state), resumable at any world size.
+the same global batch of a whole step (``batch_size x processes x grad_accum`` rows) from the shared sampler
+and takes its own rows of each micro-batch, so rank 0's sampler state is the run's. Checkpoints keep the
+single-process format (FSDP2 gathers full state). A resume on another number of processes keeps the
+global batch by changing grad_accum (said in one line), or is refused when that cannot be done.
+Validation scores the same windows whatever the number of processes (eval_iters x the global batch),
+split over the ranks and averaged over all of them. A resume keeps the lr schedule it was planned with
+(``schedule_steps``): a larger --max-steps continues at the schedule's final lr, said in one line.
+Only parameters and optimizer state that are all finite are saved.
 Everything that decides the next step (weights, AdamW state, scheduler, the sampler's numpy RNG, torch's
 RNG) is in each checkpoint, so on CPU a resumed run is bit-identical to an uninterrupted one.
 Outputs: RUN/config.yaml, RUN/metrics.csv, RUN/tb/ (TensorBoard), RUN/checkpoints/, RUN/summary.json.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +50,7 @@ import torch
 
 from ..bench.configs import SavedBytes  # bytes saved for backward, weights excluded
 from ..data.tokens import TokenData, WindowSampler, val_batches
-from ..errors import RevLLMError
+from ..errors import CheckpointError, RevLLMError
 from . import checkpoint as ckpt_io
 from .config import ARCH_KEYS, RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
@@ -84,7 +91,77 @@ def _resolve_resume(cfg, explicit):
     new = build_config(base=stored, overrides=keep)
     # stop_after / max_time limit one invocation: never inherited from the run that stopped (None included).
     new.stop_after, new.max_time = cfg.stop_after, cfg.max_time
+    # The lr schedule is the one the run was planned with (runs saved before schedule_steps: their max_steps);
+    # re-planning it for a new --max-steps would make the lr jump at the resumed step.
+    new.schedule_steps = stored.get("schedule_steps") or stored["max_steps"]
+    if new.max_steps > new.schedule_steps:
+        ckpt_io.say(f"--max-steps {new.max_steps} extends the run past the {new.schedule_steps} steps its lr schedule "
+                    f"planned: the schedule is kept, steps {new.schedule_steps + 1}-{new.max_steps} run at its final lr "
+                    f"{new.min_lr:g} (min_lr)")
     return new.validate(), ckpt, meta, opt_state, rng
+
+
+def _keep_global_batch(cfg, meta, world: int) -> None:
+    """A resume on another number of processes keeps the run's global batch (rows per optimizer step) by
+    changing grad_accum, and says so; refused when the new world size does not divide it."""
+    was = meta.get("world_size")
+    if was is None:  # checkpoints written before world_size was recorded: tokens = steps x global batch
+        was = meta["tokens"] // max(1, meta["step"] * cfg.batch_size * cfg.seq_len * cfg.grad_accum) or 1
+    if was == world:
+        return
+    micro = was * cfg.grad_accum  # per-process micro-batches of batch_size rows in one step
+    if micro % world:
+        raise RevLLMError(f"--resume: the run was trained on {was} process(es) with grad_accum={cfg.grad_accum} "
+                          f"({micro * cfg.batch_size} rows per step) and this launch has {world}; relaunch on a number "
+                          f"of processes that divides {micro} to keep the global batch")
+    ckpt_io.say(f"resuming on {world} process(es) instead of {was}: grad_accum {cfg.grad_accum} -> {micro // world} "
+                f"keeps the global batch of {micro * cfg.batch_size} rows per step")
+    cfg.grad_accum = micro // world
+
+
+def _make_run_dir(run: Path) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise RevLLMError(f"cannot write the run directory {run} ({e.strerror or e}): choose a writable --out") from None
+
+
+def _val_windows(tokens, cfg, world: int) -> torch.Tensor:
+    """All validation windows, the same on every rank and for every world size: eval_iters x the global
+    batch of one optimizer step (evenly spaced over val.bin, fewer if val.bin is short)."""
+    n = cfg.eval_iters * cfg.batch_size * world * cfg.grad_accum
+    return next(val_batches(tokens, n, cfg.seq_len, 1))
+
+
+class _SavedActivations(SavedBytes):
+    """SavedBytes with FSDP2's gathered weights excluded as well: under FSDP2 a layer's parameters are the
+    all-gathered copies while it runs (the root's are kept until the backward), which the base class,
+    excluding only the shards it saw at construction, would count as activations. The storages of the
+    model's parameters *at pack time* are excluded, so DDP and FSDP2 count the same thing: activations."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.model = model
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if any(getattr(p, "_local_tensor", p).untyped_storage().data_ptr() == ptr for p in self.model.parameters()):
+            return t
+        return super()._pack(t)
+
+
+@contextlib.contextmanager
+def _warnings_through_bar():
+    """Warnings as plain lines written through tqdm while the bar is on (not glued to its line)."""
+    old = warnings.showwarning
+    warnings.showwarning = lambda msg, cat, *a, **k: ckpt_io.say(f"warning: {msg}")
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
 
 
 def _describe_model(cfg, model) -> None:
@@ -131,6 +208,8 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     run = Path(cfg.out)
     if not resume and ckpt_io.list_checkpoints(run):
         raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    if cfg.schedule_steps is None:
+        cfg.schedule_steps = cfg.max_steps
     data = TokenData(cfg.data)
     if resume:
         was = resume[1].get("data_tokenizer", {})
@@ -170,6 +249,14 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda,
                       kwargs_handlers=[DistributedDataParallelKwargs(static_graph=ddp_static_graph(model))])
     world, rank = acc.num_processes, acc.process_index
+    main = acc.is_main_process
+    _make_run_dir(run)
+    if main:
+        for name in ckpt_io.remove_stale_temps(run):
+            ckpt_io.say(f"removed {run / 'checkpoints' / name}, left by a save that did not finish")
+    acc.wait_for_everyone()
+    if resume:
+        _keep_global_batch(cfg, resume[1], world)
     fsdp2 = cfg.parallel == "fsdp2" and world > 1
     if cfg.parallel == "fsdp2" and not fsdp2:
         warnings.warn("parallel=fsdp2 is ignored in a single process (launch with torchrun --nproc-per-node N)")
@@ -181,15 +268,17 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         # skipped because accelerate would wrap the sharded model in DDP as well.
         model = parallelize(model.to(acc.device), "fsdp2")
         optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg)
+        scheduler = build_scheduler(optimizer, dataclasses.replace(cfg, max_steps=cfg.schedule_steps))
         optimizer = acc.prepare(optimizer)
     else:
         optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg)
+        scheduler = build_scheduler(optimizer, dataclasses.replace(cfg, max_steps=cfg.schedule_steps))
         model, optimizer = acc.prepare(model, optimizer)
     if teacher is not None:
         teacher.to(acc.device).eval().requires_grad_(False)
-    sampler = WindowSampler(data.train, cfg.batch_size * world, cfg.seq_len, cfg.seed)  # global batch
+    # The whole step's global batch in one draw: micro-batch m of rank r is rows (m * world + r) * batch_size...,
+    # so the rows of a step do not depend on how they are split over processes and micro-batches.
+    sampler = WindowSampler(data.train, cfg.batch_size * world * cfg.grad_accum, cfg.seq_len, cfg.seed)
     step, tokens, train_time, timed_tokens = 0, 0, 0.0, 0
     if resume:
         ckpt, meta, opt_state, rng = resume
@@ -208,8 +297,6 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         torch.manual_seed(cfg.seed)
 
     # -- logs ---------------------------------------------------------------------------------------
-    main = acc.is_main_process
-    run.mkdir(parents=True, exist_ok=True)
     csv_path = run / "metrics.csv"
     # a loss_fn may name its own metrics (distillation: kl, ce, ...): they get columns and TensorBoard tags
     fields = CSV_FIELDS + [k for k in getattr(loss_fn, "metric_names", ()) if k not in CSV_FIELDS]
@@ -231,20 +318,44 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
 
         tb = SummaryWriter(str(run / "tb"), purge_step=step if resume else None)
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
-    meter, act_bytes = SavedBytes(model), None
+    meter, act_bytes = (_SavedActivations(model) if fsdp2 else SavedBytes(model)), None
+    windows = _val_windows(data.val, cfg, world)
 
     def evaluate():
+        """Mean loss over all windows: each rank scores windows rank, rank + world, ... in batches of
+        batch_size; every rank runs the same number of forwards (DDP/FSDP2 forwards are collective), a
+        rank short of windows scores a padding batch with weight 0."""
         model.eval()
-        losses = []
+        mine = windows[rank::world]
+        per_rank = -(-len(windows) // world)
+        total = torch.zeros(2, device=acc.device, dtype=torch.float64)  # sum of window losses, windows
         with torch.no_grad(), acc.autocast():
-            for x in val_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_iters):
-                x = x.to(acc.device)
-                losses.append(loss_fn(model, {"input_ids": x})[0].float().item())
+            for i in range(0, per_rank, cfg.batch_size):
+                x = mine[i:i + cfg.batch_size]
+                weight = len(x)
+                x = x if weight else windows[:1]
+                loss = loss_fn(model, {"input_ids": x.to(acc.device)})[0].double()
+                total += torch.stack([loss * weight, torch.tensor(float(weight), device=acc.device, dtype=torch.float64)])
+        if world > 1:
+            total = acc.reduce(total, "sum")
         model.train()
-        return sum(losses) / len(losses)
+        return (total[0] / total[1]).item()
+
+    def check_finite():
+        """Before a save: parameters and optimizer state must all be finite (a finite loss does not show that
+        the update it was followed by did not overflow). One fused reduction, one sync."""
+        bad = ckpt_io.nonfinite(list(model.parameters()))
+        bad += ckpt_io.nonfinite(ckpt_io.optimizer_tensors(getattr(optimizer, "optimizer", optimizer)))
+        if world > 1:
+            bad = int(acc.reduce(torch.tensor(float(bad), device=acc.device), "sum").item())
+        if bad:
+            good = ckpt_io.latest_good(run, action="the last good one is")
+            raise RevLLMError(f"parameters/optimizer state became NaN/inf at step {step} ({bad} tensors; the lr may be too "
+                              f"high): training stopped, nothing saved; last good checkpoint: {good or 'none'}")
 
     def save():
-        st = {"tokens": tokens, "train_time": train_time, "timed_tokens": timed_tokens, "sampler": sampler.state(), "config": cfg.to_dict(),
+        check_finite()
+        st = {"world_size": world, "tokens": tokens, "train_time": train_time, "timed_tokens": timed_tokens, "sampler": sampler.state(), "config": cfg.to_dict(),
               "data_tokenizer": data.meta["tokenizer"]}
         rngs = {"torch": torch.get_rng_state()}
         if cuda:
@@ -253,8 +364,18 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         if fsdp2:  # collective gathers, on every rank
             to_save, opt_sd = full_model_copy(model), full_optimizer_state(model, optimizer.optimizer)
             opt = types.SimpleNamespace(state_dict=lambda: opt_sd)
+        err = None
         if main:
-            ckpt_io.save_checkpoint(run, step, to_save, tokenizer, opt, scheduler, st, rngs, cfg.keep_last)
+            try:
+                ckpt_io.save_checkpoint(run, step, to_save, tokenizer, opt, scheduler, st, rngs, cfg.keep_last)
+            except CheckpointError as e:
+                err = e
+        if world > 1:  # every rank stops when rank 0 could not save (a lone raise would leave the others waiting)
+            failed = acc.reduce(torch.tensor(float(err is not None), device=acc.device), "sum").item()
+            if failed and err is None:
+                raise RevLLMError(f"rank 0 could not save checkpoint step {step}; training stopped")
+        if err is not None:
+            raise err
         acc.wait_for_everyone()
 
     def log(row):
@@ -272,62 +393,67 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                dynamic_ncols=True)
     t_start, win_tokens, win_time, val_loss, extra = time.perf_counter(), 0, 0.0, None, {}
     first_step_time, stopped = None, None
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=acc.device)
-        for micro in range(cfg.grad_accum):
-            batch = {"input_ids": sampler.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(acc.device)}
-            sync = gradient_sync(model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
-            measure = meter if act_bytes is None else contextlib.nullcontext()
-            with sync:
-                with measure:
-                    loss, extra = loss_fn(model, batch)
-                acc.backward(loss / cfg.grad_accum)
-            if act_bytes is None:
-                act_bytes = meter.bytes
-            loss_sum += loss.detach().float()
-        if world > 1:
-            loss_sum = acc.reduce(loss_sum, "mean")  # log the global batch's loss, not rank 0's rows
-        train_loss = (loss_sum / cfg.grad_accum).item()
-        if not math.isfinite(train_loss):
-            good = ckpt_io.latest_good(run)
-            raise RevLLMError(f"loss is {train_loss} at step {step + 1}: training stopped, nothing saved; "
-                              f"last good checkpoint: {good or 'none'}")
-        if cfg.clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * acc.num_processes
-        tokens += n_tok
-        dt = time.perf_counter() - t0
-        if first_step_time is None:
-            first_step_time = dt  # includes one-time costs; left out of the throughput
-        else:
-            train_time, timed_tokens = train_time + dt, timed_tokens + n_tok
-            win_tokens, win_time = win_tokens + n_tok, win_time + dt
-        mem = memory_mb(acc.device)
-        tps = win_tokens / win_time if win_time else 0.0
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB")
-        val_loss = evaluate() if step % cfg.eval_interval == 0 or step == cfg.max_steps else None
-        if step % cfg.log_interval == 0 or val_loss is not None or step == cfg.max_steps:
-            row = {"step": step, "tokens": tokens, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
-                   "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": round(tps, 1),
-                   "mem_mb": round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}
-            row.update({k: v for k, v in extra.items() if k in fields})
-            log(row)
-            win_tokens, win_time = 0, 0.0
-        if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
-            stopped = f"max_time={cfg.max_time}s reached at step {step}"
-        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
-            stopped = f"stop_after={cfg.stop_after}"
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
-            save()
-        if stopped:
-            break
-    bar.close()
+    # The bar is closed (and warnings are written through it) even when the loop stops with an error,
+    # so the error line is not glued to the bar's.
+    with bar, _warnings_through_bar():
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=acc.device)
+            for micro in range(cfg.grad_accum):
+                if micro == 0:
+                    rows = sampler.next()  # the step's global batch
+                first = (micro * world + rank) * cfg.batch_size
+                batch = {"input_ids": rows[first:first + cfg.batch_size].to(acc.device)}
+                sync = gradient_sync(model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
+                measure = meter if act_bytes is None else contextlib.nullcontext()
+                with sync:
+                    with measure:
+                        loss, extra = loss_fn(model, batch)
+                    acc.backward(loss / cfg.grad_accum)
+                if act_bytes is None:
+                    act_bytes = meter.bytes
+                loss_sum += loss.detach().float()
+            if world > 1:
+                loss_sum = acc.reduce(loss_sum, "mean")  # log the global batch's loss, not rank 0's rows
+            train_loss = (loss_sum / cfg.grad_accum).item()
+            if not math.isfinite(train_loss):
+                good = ckpt_io.latest_good(run, action="the last good one is")
+                raise RevLLMError(f"loss is {train_loss} at step {step + 1}: training stopped, nothing saved; "
+                                  f"last good checkpoint: {good or 'none'}")
+            if cfg.clip > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * acc.num_processes
+            tokens += n_tok
+            dt = time.perf_counter() - t0
+            if first_step_time is None:
+                first_step_time = dt  # includes one-time costs; left out of the throughput
+            else:
+                train_time, timed_tokens = train_time + dt, timed_tokens + n_tok
+                win_tokens, win_time = win_tokens + n_tok, win_time + dt
+            mem = memory_mb(acc.device)
+            tps = win_tokens / win_time if win_time else 0.0
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB")
+            val_loss = evaluate() if step % cfg.eval_interval == 0 or step == cfg.max_steps else None
+            if step % cfg.log_interval == 0 or val_loss is not None or step == cfg.max_steps:
+                row = {"step": step, "tokens": tokens, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
+                       "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": round(tps, 1),
+                       "mem_mb": round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                row.update({k: v for k, v in extra.items() if k in fields})
+                log(row)
+                win_tokens, win_time = 0, 0.0
+            if cfg.max_time and time.perf_counter() - t_start > cfg.max_time and step < cfg.max_steps:
+                stopped = f"max_time={cfg.max_time}s reached at step {step}"
+            if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+                stopped = f"stop_after={cfg.stop_after}"
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopped:
+                save()
+            if stopped:
+                break
     if val_loss is None:
         val_loss = evaluate()
     summary = {"run": str(run), "steps": step, "tokens": tokens, "val_loss": val_loss,
@@ -337,11 +463,15 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
                                                                                            "memory_free", False)),
                "precision": precision, "device": str(acc.device), "stopped_early": stopped,
-               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict()}
+               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict(),
+               "world_size": world, "rank": rank}
     if main:
         tb.close()
         tmp = run / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run / "summary.json")
+    # Every rank leaves together, its collectives done (the launcher's caller destroys the process group:
+    # revllm.cli does; a library caller may still need the group, e.g. to gather a model after training).
+    acc.wait_for_everyone()
     return summary
 
