@@ -118,3 +118,24 @@ def test_sampler_state_roundtrip(token_dir):
     b = WindowSampler(data.train, 3, 16, seed=123)
     b.load_state(json.loads(json.dumps(st)))  # the state survives JSON (it is stored in trainer_state.json)
     assert b.next().equal(want)
+
+
+def test_cli_split_by_document(tmp_path, tiny_tokenizer):
+    """`revllm data --split document` holds out whole documents: at fraction 0.34 the third of three
+    files is val.bin, token for token, and the first two are train.bin."""
+    from revllm.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [make_text(seed, 80) for seed in (1, 2, 3)]
+    for i, text in enumerate(texts):
+        (corpus / f"{i}.txt").write_text(text)
+    out = tmp_path / "tok"
+    assert main(["data", str(corpus), "--out", str(out), "--tokenizer", str(tiny_tokenizer),
+                 "--val-fraction", "0.34", "--split", "document", "--no-progress"]) == 0
+    tok = _tok(tiny_tokenizer)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [sep] for t in texts]
+    data = TokenData(out)
+    assert data.train.tolist() == ids[0] + ids[1] and data.val.tolist() == ids[2]
+    assert json.loads((out / "meta.json").read_text())["split"] == "document"

