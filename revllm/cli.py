@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 from . import commands
 from .errors import RevLLMError
+from .memory import OPT_OUT_ENV, configure_allocator
 
 EXIT_USAGE = 2
 
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"revllm {__version__}")
+    parser.add_argument("--no-allocator-tuning", action="store_true",
+                        help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if mod.name.startswith("_") or mod.name == "common":
@@ -34,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_allocator_tuning:
+        os.environ[OPT_OUT_ENV] = "0"  # also for the processes a command starts (demo, bench rows)
+    configure_allocator()  # before models load: see revllm/memory.py
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
