@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import RevLLMError
 from .configs import config_kind
 
-TABLES = ("memory", "speed", "capacity", "finetune")
+TABLES = ("memory", "speed", "capacity", "finetune", "allocator")
 # Paper (arXiv 2512.02056) Table 4: reversible over baseline throughput at max batch, d=512, 8 heads.
 PAPER_TABLE4 = {16: 20.7, 32: 24.1, 64: 48.8, 96: 101.0}
 MiB = 2**20
@@ -134,6 +134,37 @@ def _md_memory(result):
     return out
 
 
+def _md_allocator(result):
+    from .allocator import growth_ratio, step_time_ratio
+
+    rows, s = result["rows"], result["setup"]
+    depths, variants = s["depths"], s["allocators"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["config"], r["layers"], r["variant"]): r for r in rows}
+    out = ["# Whole-process peak of training vs depth, per allocator setting", ""] + _header(result)
+    out += [f"Each row a fresh process: {s['steps']} AdamW steps from cold. Growth = peak RSS minus the RSS of "
+            "the built model with its gradients (MiB).", "",
+            "| config | allocator | " + " | ".join(f"L={d}" for d in depths) + " |", "|---|---|" + "---:|" * len(depths)]
+    for c in configs:
+        for v in variants:
+            cells = [_cell(by[(c, d, v)], "growth_bytes", _mib) if (c, d, v) in by else "" for d in depths]
+            out.append(f"| ({config_kind(c)}) {c} | {v} | " + " | ".join(cells) + " |")
+    mf = [c for c in configs if config_kind(c) == "c"]
+    st = [c for c in configs if config_kind(c) in ("a", "d")]
+    out += ["", "## Target: memory-free growth of the peak, shallowest to deepest, <= 10% of the stored model's", "",
+            "| allocator | memory-free growth (MiB) | stored growth (MiB) | ratio | met |", "|---|---:|---:|---:|---|"]
+    for v in variants:
+        g = growth_ratio(rows, v, mf[0], st[0]) if mf and st else None
+        if g:
+            out.append(f"| {v} | {_mib(g[0])} | {_mib(g[1])} | {100 * g[2]:.1f}% | {'yes' if g[2] <= 0.10 else 'no'} |")
+    out += ["", "## Step time, interleaved (median step after the first, geometric mean over the rows above)", "",
+            "| allocator | vs system |", "|---|---:|"]
+    for v in variants[1:]:
+        r = step_time_ratio(rows, v)
+        out.append(f"| {v} | {'n/a' if r is None else f'{r:.3f}x'} |")
+    return out
+
+
 def _md_finetune(result):
     from .finetune import fits
 
@@ -207,7 +238,7 @@ def _md_capacity(result):
 
 # -- plots --------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> Path | None:
-    if result["table"] == "speed":
+    if result["table"] in ("speed", "allocator"):
         return None
     import matplotlib
 

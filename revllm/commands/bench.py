@@ -60,6 +60,15 @@ def add_parser(subparsers):
     c.add_argument("--resume", default=None, help="result JSON of an interrupted run: reuse its finished searches")
     c.set_defaults(func=run_capacity)
 
+    a = sub.add_parser("allocator", help="whole-process peak of training vs depth per allocator setting, interleaved")
+    model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--steps", type=int, default=4, help="AdamW steps per row, from cold")
+    a.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row")
+    a.add_argument("--preload", action="append", default=[], metavar="NAME=PATH",
+                   help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)")
+    a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
+
     f = sub.add_parser("finetune", help="fine-tuning SmolLM2-135M: peak memory, s/step, tokens/s vs sequence and batch")
     f.add_argument("--configs", default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
                    help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog")
@@ -114,6 +123,9 @@ def _command(args) -> str:
         if k in skip or v is None or v is False:
             continue
         flag = "--" + k.replace("_", "-")
+        if isinstance(v, list):  # a repeatable option
+            parts += [x for item in v for x in (flag, str(item))]
+            continue
         parts += [flag] if v is True else [flag, str(v)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -205,6 +217,25 @@ def run_capacity(args):
     result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
                             tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
                             on_row=_saver(args))
+    _finish(result, args)
+
+
+def run_allocator(args):
+    from ..bench.allocator import allocator_table
+    from ..bench.configs import parse_ints
+    from ..errors import RevLLMError
+
+    if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
+        raise RevLLMError("--batch, --steps and --threads must be positive")
+    preloads = {}
+    for item in args.preload:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise RevLLMError(f"--preload {item!r}: give NAME=PATH of an existing shared library")
+        preloads[name] = path
+    configs, spec = _base(args, args.batch)
+    result = allocator_table(configs, parse_ints(args.depths, "--depths"), spec, args.steps, preloads,
+                             threads=args.threads, command=_command(args), on_row=_saver(args))
     _finish(result, args)
 
 
