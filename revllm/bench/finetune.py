@@ -141,8 +141,8 @@ def run_row(job: dict, before_steps=lambda: None) -> dict:
 def plan(configs, modes, seqs, batches, sweep_seq: int = 1024) -> list[dict]:
     """Rows in the order they run: every configuration at a shape before any longer shape, so an
     interrupted run has the whole table at the short end."""
-    shapes = [(s, 1) for s in seqs] + [(sweep_seq, b) for b in batches if b != 1]
-    shapes.sort(key=lambda sb: sb[0] * sb[1])
+    sweep = {(sweep_seq, b) for b in batches} if len(batches) > 1 else set()  # --batches 1: no sweep
+    shapes = sorted({(s, 1) for s in seqs} | sweep, key=lambda sb: (sb[0] * sb[1], sb[1]))
     return [dict(config=c, mode=m, seq=s, batch=b) for s, b in shapes for m in modes for c in configs]
 
 
