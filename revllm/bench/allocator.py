@@ -43,14 +43,15 @@ def allocator_table(configs, depths, base: Spec, steps: int, preloads: dict, thr
     return envelope("allocator", base.device, setup, rows, command)
 
 
-def step_time_ratio(rows, variant: str, baseline: str = "system") -> float | None:
+def step_time_ratio(rows, variant: str, baseline: str = "system", key: str = "step_times") -> float | None:
     """Geometric mean over (config, depth) of the median step time (first step excluded) of ``variant``
-    over ``baseline``'s, measured back to back."""
+    over ``baseline``'s, measured back to back. ``key="step_cpu_times"``: CPU seconds (user + system) per
+    step, which a shared machine's load disturbs less than wall time."""
     def med(r):
-        t = r["step_times"][1:] or r["step_times"]
+        t = r[key][1:] or r[key]
         return statistics.median(t)
 
-    by = {(r["config"], r["layers"], r["variant"]): r for r in rows if r.get("ok")}
+    by = {(r["config"], r["layers"], r["variant"]): r for r in rows if r.get("ok") and key in r}
     ratios = [med(by[(c, L, variant)]) / med(by[(c, L, baseline)])
               for (c, L, v) in by if v == baseline and (c, L, variant) in by]
     return statistics.geometric_mean(ratios) if ratios else None

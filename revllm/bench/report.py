@@ -158,10 +158,10 @@ def _md_allocator(result):
         if g:
             out.append(f"| {v} | {_mib(g[0])} | {_mib(g[1])} | {100 * g[2]:.1f}% | {'yes' if g[2] <= 0.10 else 'no'} |")
     out += ["", "## Step time, interleaved (median step after the first, geometric mean over the rows above)", "",
-            "| allocator | vs system |", "|---|---:|"]
+            "| allocator | wall time vs system | CPU time (user + system) vs system |", "|---|---:|---:|"]
     for v in variants[1:]:
-        r = step_time_ratio(rows, v)
-        out.append(f"| {v} | {'n/a' if r is None else f'{r:.3f}x'} |")
+        r, c = step_time_ratio(rows, v), step_time_ratio(rows, v, key="step_cpu_times")
+        out.append(f"| {v} | {'n/a' if r is None else f'{r:.3f}x'} | {'n/a' if c is None else f'{c:.3f}x'} |")
     return out
 
 

@@ -51,6 +51,13 @@ def _enforce_budget(budget: int | None, device: str):
     resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + budget - rss, hard))
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _is_oom(e: BaseException) -> bool:
     import torch
 
@@ -121,12 +128,13 @@ def run(job: dict) -> dict:
             sync(spec.device)
             out["step_seconds"] = time.perf_counter() - t0
         elif task == "train":
-            times = []
+            times, cpu = [], []
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), _cpu_seconds()
                 train_step(model, ids, spec, opt)
                 times.append(time.perf_counter() - t0)
-            out["step_times"] = times
+                cpu.append(_cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
+            out["step_times"], out["step_cpu_times"] = times, cpu
         elif task == "throughput":
             for _ in range(warmup):
                 train_step(model, ids, spec, opt)
