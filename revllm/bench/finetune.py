@@ -127,12 +127,14 @@ def run_row(job: dict, before_steps=lambda: None) -> dict:
     before_steps()  # the memory limit starts here: the model and AdamW state are resident
     out["rss_before_bytes"] = rss_bytes()
     out["peak_reset"] = reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out["loss"] = step(ids)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # all threads' CPU seconds: less disturbed by a shared machine
     out["peak_bytes"] = peak_rss_bytes()
+    out["cpu_s_per_step"] = sum(cpu) / len(cpu)
     out.update(step_times=times, s_per_step=sum(times) / len(times), tokens_per_s=batch * seq * len(times) / sum(times))
     return out
 

@@ -173,15 +173,16 @@ def _md_finetune(result):
     out += [f"Each row a fresh process: {s['warmup']}, then {s['steps']} timed step(s) (forward, backward, AdamW). "
             "Peak = the process's peak RSS during the timed steps, model and optimizer state included; "
             "load = the peak while loading.", "",
-            "| mode | config | batch x seq | peak (MiB) | load peak (MiB) | s/step | tokens/s |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+            "| mode | config | batch x seq | peak (MiB) | load peak (MiB) | s/step | tokens/s | CPU s/step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["mode"], r["batch"] > 1, r["seq"], r["batch"])):
         shape = f"{r['batch']} x {r['seq']}"
         if r.get("ok"):
+            cpu = f"{r['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in r else "-"
             out.append(f"| {r['mode']} | {r['config']} | {shape} | {_mib(r['peak_bytes'])} | "
-                       f"{_mib(r['load_peak_bytes'])} | {r['s_per_step']:.2f} | {r['tokens_per_s']:,.0f} |")
+                       f"{_mib(r['load_peak_bytes'])} | {r['s_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {cpu} |")
         else:
-            out.append(f"| {r['mode']} | {r['config']} | {shape} | {_cell(r, '', str)} | | | |")
+            out.append(f"| {r['mode']} | {r['config']} | {shape} | {_cell(r, '', str)} | | | | |")
     for budget in s.get("budgets") or []:
         f = fits(rows, budget)
         out += ["", f"## What fits in {budget / 2**30:g} GiB (measured peak, loading included; of the shapes measured)", "",
