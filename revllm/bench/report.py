@@ -298,7 +298,8 @@ def plot(result: dict, path: Path) -> Path | None:
 
 
 SHAPE_KEYS = ("d", "heads", "seq", "batch", "vocab", "block", "loss_chunk", "device", "dtype", "compile")
-ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers")}
+ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers"),
+            "finetune": ("config", "mode", "seq", "batch")}
 
 
 def merge(results: list[dict]) -> dict:
@@ -323,7 +324,7 @@ def merge(results: list[dict]) -> dict:
         for row in r["rows"]:
             rows[tuple(row[k] for k in key)] = row
     configs = list(dict.fromkeys(k[0] for k in rows))
-    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), row[key[1]]))
+    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), *(row[k] for k in key[1:])))
     if first["table"] == "capacity":
         from .capacity import relative
 
