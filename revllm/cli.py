@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 from . import commands
 from .errors import RevLLMError
+from .memory import OPT_OUT_ENV, configure_allocator
 
 EXIT_USAGE = 2
 
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"revllm {__version__}")
+    parser.add_argument("--no-allocator-tuning", action="store_true",
+                        help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)")
     # every subcommand's parser is a Parser too (allow_abbrev=False, short errors)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the subcommand's error (and its --help hint), not the top-level one
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.no_allocator_tuning:
+        os.environ[OPT_OUT_ENV] = "0"  # also for the processes a command starts (demo, bench rows)
+    configure_allocator()  # before models load: see revllm/memory.py
     try:
         code = int(args.func(args) or 0)
         _close_distributed()

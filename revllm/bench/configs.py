@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import RevLLMError
+from ..memory import peak_rss_bytes as max_rss_bytes  # noqa: F401 - the process's peak RSS, for the bench modules
+from ..memory import rss_bytes  # noqa: F401
 
 DEFAULT_CONFIGS = ("euler", "euler_ckpt", "midpoint", "leapfrog", "midpoint_a", "hamiltonian", "midpoint_stored")
 
@@ -223,21 +225,9 @@ class SavedBytes:
         return self._ctx.__exit__(*exc)
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def vm_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def max_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
 
 
 def machine(device: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import RevLLMError
 from .configs import config_kind
 
-TABLES = ("memory", "speed", "capacity")
+TABLES = ("memory", "speed", "capacity", "finetune", "allocator")
 # Paper (arXiv 2512.02056) Table 4: reversible over baseline throughput at max batch, d=512, 8 heads.
 PAPER_TABLE4 = {16: 20.7, 32: 24.1, 64: 48.8, 96: 101.0}
 MiB = 2**20
@@ -106,10 +106,11 @@ def _md_memory(result):
     by = {(r["config"], r["layers"]): r for r in rows}
     peak_label = "max_memory_allocated" if result["machine"]["device"] == "cuda" else "RSS high-water mark"
     out = ["# Memory vs depth", ""] + _header(result)
-    for title, key in [("Bytes saved for backward (MiB, unique storages, parameters excluded)", "saved_bytes"),
+    for title, key in [(f"Peak memory, whole process, as users see it (MiB; {peak_label})", "peak_bytes"),
+                       ("Bytes saved for backward (MiB, unique storages, parameters excluded)", "saved_bytes"),
                        (f"Peak memory of the step above the resident model (MiB; {peak_label}, grads preallocated)",
-                        "peak_step_bytes"),
-                       (f"Peak memory, whole process (MiB; {peak_label})", "peak_bytes")]:
+                        "peak_step_bytes")] + ([("Peak reserved by torch's caching allocator (MiB; max_memory_reserved)",
+                                                 "peak_reserved_bytes")] if result["machine"]["device"] == "cuda" else []):
         out += [f"## {title}", "", "| config | " + " | ".join(f"L={d}" for d in depths) + " |",
                 "|---|" + "---:|" * len(depths)]
         for c in configs:
@@ -130,6 +131,64 @@ def _md_memory(result):
         pr = hi["peak_step_bytes"] / max(lo["peak_step_bytes"], 1)
         out.append(f"| {c} (L={lo['layers']}->{hi['layers']}) | {sr:.3f} | {pr:.3f} | "
                    f"{'yes' if sr <= 1.1 else 'no'} (saved bytes) |")
+    return out
+
+
+def _md_allocator(result):
+    from .allocator import growth_ratio, step_time_ratio
+
+    rows, s = result["rows"], result["setup"]
+    depths, variants = s["depths"], s["allocators"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["config"], r["layers"], r["variant"]): r for r in rows}
+    out = ["# Whole-process peak of training vs depth, per allocator setting", ""] + _header(result)
+    out += [f"Each row a fresh process: {s['steps']} AdamW steps from cold. Growth = peak RSS minus the RSS of "
+            "the built model with its gradients (MiB).", "",
+            "| config | allocator | " + " | ".join(f"L={d}" for d in depths) + " |", "|---|---|" + "---:|" * len(depths)]
+    for c in configs:
+        for v in variants:
+            cells = [_cell(by[(c, d, v)], "growth_bytes", _mib) if (c, d, v) in by else "" for d in depths]
+            out.append(f"| ({config_kind(c)}) {c} | {v} | " + " | ".join(cells) + " |")
+    mf = [c for c in configs if config_kind(c) == "c"]
+    st = [c for c in configs if config_kind(c) in ("a", "d")]
+    out += ["", "## Target: memory-free growth of the peak, shallowest to deepest, <= 10% of the stored model's", "",
+            "| allocator | memory-free growth (MiB) | stored growth (MiB) | ratio | met |", "|---|---:|---:|---:|---|"]
+    for v in variants:
+        g = growth_ratio(rows, v, mf[0], st[0]) if mf and st else None
+        if g:
+            out.append(f"| {v} | {_mib(g[0])} | {_mib(g[1])} | {100 * g[2]:.1f}% | {'yes' if g[2] <= 0.10 else 'no'} |")
+    out += ["", "## Step time, interleaved (median step after the first, geometric mean over the rows above)", "",
+            "| allocator | wall time vs system | CPU time (user + system) vs system |", "|---|---:|---:|"]
+    for v in variants[1:]:
+        r, c = step_time_ratio(rows, v), step_time_ratio(rows, v, key="step_cpu_times")
+        out.append(f"| {v} | {'n/a' if r is None else f'{r:.3f}x'} | {'n/a' if c is None else f'{c:.3f}x'} |")
+    return out
+
+
+def _md_finetune(result):
+    from .finetune import fits
+
+    rows, s = result["rows"], result["setup"]
+    out = ["# Fine-tuning SmolLM2-135M-Instruct: peak memory and speed", ""] + _header(result)
+    out += [f"Each row a fresh process: {s['warmup']}, then {s['steps']} timed step(s) (forward, backward, AdamW). "
+            "Peak = the process's peak RSS during the timed steps, model and optimizer state included; "
+            "load = the peak while loading.", "",
+            "| mode | config | batch x seq | peak (MiB) | load peak (MiB) | s/step | tokens/s | CPU s/step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["batch"] > 1, r["seq"], r["batch"])):
+        shape = f"{r['batch']} x {r['seq']}"
+        if r.get("ok"):
+            cpu = f"{r['cpu_s_per_step']:.1f}" if "cpu_s_per_step" in r else "-"
+            out.append(f"| {r['mode']} | {r['config']} | {shape} | {_mib(r['peak_bytes'])} | "
+                       f"{_mib(r['load_peak_bytes'])} | {r['s_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {cpu} |")
+        else:
+            out.append(f"| {r['mode']} | {r['config']} | {shape} | {_cell(r, '', str)} | | | | |")
+    for budget in s.get("budgets") or []:
+        f = fits(rows, budget)
+        out += ["", f"## What fits in {budget / 2**30:g} GiB (measured peak, loading included; of the shapes measured)", "",
+                "| mode | config | longest sequence at batch 1 | largest batch at 1,024 tokens |", "|---|---|---:|---:|"]
+        for (c, m), cell in sorted(f.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            out.append(f"| {m} | {c} | {cell['seq'] or 'none'} | {cell['batch'] or 'none'} |")
     return out
 
 
@@ -180,7 +239,7 @@ def _md_capacity(result):
 
 # -- plots --------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> Path | None:
-    if result["table"] == "speed":
+    if result["table"] in ("speed", "allocator"):
         return None
     import matplotlib
 
@@ -189,7 +248,20 @@ def plot(result: dict, path: Path) -> Path | None:
 
     rows = result["rows"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    if result["table"] == "memory":
+    if result["table"] == "finetune":
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for c in configs:
+                pts = sorted((r["seq"], r["peak_bytes"] / MiB) for r in rows
+                             if r["config"] == c and r["mode"] == mode and r["batch"] == 1 and r.get("ok"))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=c)
+            ax.set(xlabel="sequence length (batch 1)", ylabel="peak RSS (MiB)", title=f"{mode} fine-tuning",
+                   xscale="log", yscale="log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    elif result["table"] == "memory":
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, key, title in [(axes[0], "saved_bytes", "bytes saved for backward"),
                                (axes[1], "peak_step_bytes", "peak step memory above model")]:
@@ -226,7 +298,8 @@ def plot(result: dict, path: Path) -> Path | None:
 
 
 SHAPE_KEYS = ("d", "heads", "seq", "batch", "vocab", "block", "loss_chunk", "device", "dtype", "compile")
-ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers")}
+ROW_KEYS = {"memory": ("config", "layers"), "speed": ("config", "batch"), "capacity": ("config", "layers"),
+            "finetune": ("config", "mode", "seq", "batch")}
 
 
 def merge(results: list[dict]) -> dict:
@@ -251,7 +324,7 @@ def merge(results: list[dict]) -> dict:
         for row in r["rows"]:
             rows[tuple(row[k] for k in key)] = row
     configs = list(dict.fromkeys(k[0] for k in rows))
-    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), row[key[1]]))
+    merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), *(row[k] for k in key[1:])))
     if first["table"] == "capacity":
         from .capacity import relative
 

@@ -7,6 +7,11 @@ Tasks (``"task"`` in the JSON, the rest is a ``configs.Spec``):
   ``memory``      one forward + backward: bytes saved for backward and the step's peak memory
   ``probe``       one full forward + backward + AdamW step under the memory budget: ok or not
   ``throughput``  warm-up steps then timed full steps: tokens/s
+  ``train``       ``steps`` full AdamW steps from cold, as ``revllm train`` runs them: the process's peak
+Every task reports the whole process's peak (``peak_bytes``: peak RSS on CPU; on CUDA torch's
+max_memory_allocated, with max_memory_reserved next to it) and the step's share of it (``peak_step_bytes``).
+Allocator (``"allocator"`` in the JSON): ``revllm`` (default) applies ``revllm.memory.configure_allocator``
+as the product does; ``system`` leaves malloc as it is. The driver may also preload another allocator.
 Memory budget (``budget_bytes``): on CPU enforced with RLIMIT_AS (allocation beyond it fails) and checked
 against the measured RSS high-water mark; on CUDA the card is the budget unless one is given.
 """
@@ -46,6 +51,13 @@ def _enforce_budget(budget: int | None, device: str):
     resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + budget - rss, hard))
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _is_oom(e: BaseException) -> bool:
     import torch
 
@@ -62,16 +74,25 @@ def run(job: dict) -> dict:
     from .configs import sync, train_step
 
     task = job.pop("task")
+    allocator = job.pop("allocator", "revllm")
+    if allocator == "revllm":
+        from ..memory import configure_allocator
+
+        configure_allocator()
+    elif allocator != "system":
+        raise ValueError(f"unknown allocator {allocator!r}; use revllm or system")
     budget = job.pop("budget_bytes", None)
+    if task == "finetune":
+        return _finetune(job, budget)
     steps, warmup = int(job.pop("steps", 3)), int(job.pop("warmup", 1))
     spec = Spec(**job)
-    out = {"task": task, **spec.to_dict(), "budget_bytes": budget}
+    out = {"task": task, **spec.to_dict(), "budget_bytes": budget, "allocator": allocator}
     cuda = spec.device == "cuda"
     model = build_model(spec)
     out["params"] = sum(p.numel() for p in model.parameters())
     ids = make_batch(spec)
     opt = None
-    if task in ("probe", "throughput"):
+    if task in ("probe", "throughput", "train"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)  # foreach would add a transient copy
     preallocate_grads(model)
     if task == "memory":
@@ -106,6 +127,14 @@ def run(job: dict) -> dict:
             train_step(model, ids, spec, opt)
             sync(spec.device)
             out["step_seconds"] = time.perf_counter() - t0
+        elif task == "train":
+            times, cpu = [], []
+            for _ in range(steps):
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                train_step(model, ids, spec, opt)
+                times.append(time.perf_counter() - t0)
+                cpu.append(_cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
+            out["step_times"], out["step_cpu_times"] = times, cpu
         elif task == "throughput":
             for _ in range(warmup):
                 train_step(model, ids, spec, opt)
@@ -131,6 +160,7 @@ def run(job: dict) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, old_limit)
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         out["peak_step_bytes"] = out["peak_bytes"] - out["allocated_before_bytes"]
     else:
         out["peak_bytes"] = max_rss_bytes()
@@ -138,6 +168,27 @@ def run(job: dict) -> dict:
     if out["ok"] and budget is not None and out["peak_bytes"] > budget:
         out.update(ok=False, reason="over_budget",
                    detail=f"peak {out['peak_bytes'] / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB")
+    return out
+
+
+def _finetune(job: dict, budget: int | None) -> dict:
+    """One row of ``revllm bench finetune`` under the memory limit (see bench/finetune.py)."""
+    import resource
+
+    from .finetune import run_row
+
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        out = run_row(job, before_steps=lambda: _enforce_budget(budget, "cpu"))
+        out["ok"] = True
+    except _OverBudget as e:
+        out = {"ok": False, "reason": "model_over_budget", "detail": str(e)}
+    except Exception as e:  # noqa: BLE001 - an OOM is a result to record
+        if not _is_oom(e):
+            raise
+        out = {"ok": False, "reason": "oom", "detail": " ".join(str(e).split())[:300]}
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old_limit)
     return out
 
 
@@ -159,13 +210,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def spawn(job: dict, timeout: float | None = None) -> dict:
+def spawn(job: dict, timeout: float | None = None, env: dict | None = None) -> dict:
     """Run ``job`` in a fresh interpreter; returns its JSON (``ok=False`` with a reason on crash/timeout)."""
     import os
     import subprocess
     from pathlib import Path
 
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     root = str(Path(__file__).resolve().parents[2])  # the checkout holding this revllm package
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1")

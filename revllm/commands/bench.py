@@ -60,6 +60,32 @@ def add_parser(subparsers):
     c.add_argument("--resume", default=None, help="result JSON of an interrupted run: reuse its finished searches")
     c.set_defaults(func=run_capacity)
 
+    a = sub.add_parser("allocator", help="whole-process peak of training vs depth per allocator setting, interleaved")
+    model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--steps", type=int, default=4, help="AdamW steps per row, from cold")
+    a.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row")
+    a.add_argument("--preload", action="append", default=[], metavar="NAME=PATH",
+                   help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)")
+    a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
+
+    f = sub.add_parser("finetune", help="fine-tuning SmolLM2-135M: peak memory, s/step, tokens/s vs sequence and batch")
+    f.add_argument("--configs", default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
+                   help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog")
+    f.add_argument("--modes", default="full,lora", help="comma list of full, lora (r=8)")
+    f.add_argument("--seqs", default="512,1024,2048,4096,8192", help="sequence lengths at batch 1")
+    f.add_argument("--batches", default="1,2,4,8", help="batch sweep at 1,024 tokens")
+    f.add_argument("--steps", type=int, default=1, help="timed steps per row (after one short warm-up step)")
+    f.add_argument("--budgets", default="4GiB,8GiB", help="budgets for the what-fits summary (by measured peak)")
+    f.add_argument("--memory-limit", default=None,
+                   help="hard cap per row (RLIMIT_AS): a row over it fails as oom instead of swapping")
+    f.add_argument("--max-seconds", type=float, default=None, help="per-row wall limit")
+    f.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row (default: as set)")
+    f.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+    f.add_argument("--name", default=None, help="file stem instead of 'finetune'")
+    f.add_argument("--fresh", action="store_true", help="measure every row again (default: resume, skipping finished rows)")
+    f.set_defaults(func=run_finetune)
+
     r = sub.add_parser("report", help="re-render every result's Markdown/PNG from its JSON and print the tables")
     r.add_argument("--results", default=DEFAULT_OUT, help="results directory")
     r.set_defaults(func=run_report)
@@ -97,6 +123,9 @@ def _command(args) -> str:
         if k in skip or v is None or v is False:
             continue
         flag = "--" + k.replace("_", "-")
+        if isinstance(v, list):  # a repeatable option
+            parts += [x for item in v for x in (flag, str(item))]
+            continue
         parts += [flag] if v is True else [flag, str(v)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -188,6 +217,53 @@ def run_capacity(args):
     result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
                             tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
                             on_row=_saver(args))
+    _finish(result, args)
+
+
+def run_allocator(args):
+    from ..bench.allocator import allocator_table
+    from ..bench.configs import parse_ints
+    from ..errors import RevLLMError
+
+    if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
+        raise RevLLMError("--batch, --steps and --threads must be positive")
+    preloads = {}
+    for item in args.preload:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise RevLLMError(f"--preload {item!r}: give NAME=PATH of an existing shared library")
+        preloads[name] = path
+    configs, spec = _base(args, args.batch)
+    result = allocator_table(configs, parse_ints(args.depths, "--depths"), spec, args.steps, preloads,
+                             threads=args.threads, command=_command(args), on_row=_saver(args))
+    _finish(result, args)
+
+
+def run_finetune(args):
+    from ..bench.configs import machine_tag, parse_bytes, parse_ints
+    from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_positions, parse_names, plan
+    from ..errors import RevLLMError
+
+    configs = parse_names(args.configs, CONFIGS, "configuration")
+    modes = parse_names(args.modes, MODES, "mode")
+    seqs, batches = parse_ints(args.seqs, "--seqs"), parse_ints(args.batches, "--batches")
+    budgets = [parse_bytes(b) for b in args.budgets.split(",") if b.strip()]
+    limit = parse_bytes(args.memory_limit)
+    if args.steps < 1 or (args.threads is not None and args.threads < 1):
+        raise RevLLMError("--steps and --threads must be positive")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise RevLLMError(f"--max-seconds must be positive, got {args.max_seconds:g}")
+    if args.name and not all(ch.isalnum() or ch in "-." for ch in args.name):
+        raise RevLLMError(f"--name {args.name!r} may only hold letters, digits, '-' and '.'")
+    longest = max(seqs + [1024] if len(batches) > 1 or batches != [1] else seqs)
+    positions = max_positions()  # from the GGUF's metadata, before any weights are loaded
+    if longest > positions:
+        raise RevLLMError(f"sequence length {longest} exceeds SmolLM2's {positions} positions")
+    target = Path(args.out) / f"{args.name or 'finetune'}_{machine_tag('cpu')}.json"
+    resume_rows = [] if args.fresh else load_resume(target)
+    result = finetune_table(plan(configs, modes, seqs, batches), steps=args.steps, budgets=budgets, limit=limit,
+                            max_seconds=args.max_seconds, threads=args.threads, resume_rows=resume_rows,
+                            command=_command(args), on_row=_saver(args))
     _finish(result, args)
 
 

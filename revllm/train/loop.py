@@ -51,6 +51,7 @@ import torch
 from ..bench.configs import SavedBytes  # bytes saved for backward, weights excluded
 from ..data.tokens import TokenData, WindowSampler, val_batches
 from ..errors import CheckpointError, RevLLMError
+from ..memory import configure_allocator
 from . import checkpoint as ckpt_io
 from .config import ARCH_KEYS, RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
@@ -197,6 +198,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
+    configure_allocator()  # keeps the process's peak flat in depth on glibc (revllm/memory.py says why)
     cfg = cfg.validate()
     if cfg.init_from and not cfg.resume and set(explicit or ()) & ARCH_KEYS:
         clash = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(set(explicit) & ARCH_KEYS))
