@@ -109,7 +109,7 @@ for name, rel, old, new, tests in BUGS:
             if (ROOT / link).exists():
                 os.symlink(ROOT / link, Path(tmp) / link)
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *tests],
                            cwd=tmp, env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True)
         failed = [l.split(" ")[1] for l in r.stdout.splitlines() if l.startswith("FAILED ")]
         status = "KILLED" if r.returncode == 1 and failed else ("SURVIVED" if r.returncode == 0 else f"ERROR rc={r.returncode}")

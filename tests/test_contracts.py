@@ -169,6 +169,24 @@ def test_sharded_checkpoint_with_a_listed_file_missing_is_refused(tmp_path):
         load_sharded(tmp_path / "ck", tiny_model(seed=2))
 
 
+def test_sharded_checkpoint_saved_again_replaces_the_old_one(tmp_path):
+    """Saving over an existing sharded checkpoint replaces it whole; a stale ``.tmp`` left by an
+    interrupted save is discarded, not shipped; nothing but the checkpoint is left beside it."""
+    from revllm.parallel import load_sharded, save_sharded
+
+    (tmp_path / "ck.tmp").mkdir()
+    (tmp_path / "ck.tmp" / "stale.distcp").write_bytes(b"from an interrupted save")
+    save_sharded(tmp_path / "ck", tiny_model(seed=0), state={"step": 1})
+    newer = tiny_model(seed=1)
+    save_sharded(tmp_path / "ck", newer, state={"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert not (tmp_path / "ck" / "stale.distcp").exists()
+    other = tiny_model(seed=2)
+    assert load_sharded(tmp_path / "ck", other) == {"step": 2}
+    for n, t in newer.state_dict().items():
+        assert torch.equal(other.state_dict()[n], t), n
+
+
 # -- conversion refusals ------------------------------------------------------------------------------
 def _llama_cfg(**kw):
     import transformers as t
