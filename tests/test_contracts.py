@@ -187,6 +187,40 @@ def test_sharded_checkpoint_saved_again_replaces_the_old_one(tmp_path):
         assert torch.equal(other.state_dict()[n], t), n
 
 
+def _adam_step(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    return opt
+
+
+def test_sharded_checkpoint_round_trips_model_and_optimizer(tmp_path):
+    from revllm.parallel import load_sharded, save_sharded
+
+    model = tiny_model(seed=0)
+    opt = _adam_step(model)
+    save_sharded(tmp_path / "ck", model, opt, state={"step": 1})
+    other = tiny_model(seed=1)
+    opt2 = _adam_step(other)  # a different state, to be overwritten
+    assert load_sharded(tmp_path / "ck", other, opt2) == {"step": 1}
+    for n, t in model.state_dict().items():
+        assert torch.equal(other.state_dict()[n], t), n
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert a.keys() == b.keys() and len(a) == len(list(model.parameters()))
+    for k in a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[k][name], b[k][name]), (k, name)
+
+
+def test_sharded_checkpoint_of_another_architecture_is_a_checkpoint_error(tmp_path):
+    from revllm.parallel import load_sharded, save_sharded
+
+    save_sharded(tmp_path / "ck", tiny_model(layers=2))
+    with pytest.raises(CheckpointError, match=r"cannot load sharded checkpoint .*ck: "):
+        load_sharded(tmp_path / "ck", tiny_model(layers=3))
+
+
 # -- conversion refusals ------------------------------------------------------------------------------
 def _llama_cfg(**kw):
     import transformers as t
