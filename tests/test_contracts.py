@@ -311,3 +311,36 @@ def test_recompute_hooks_on_a_model_sharded_elsewhere(one_process_group):
         assert g is not None, n
         g = g.full_tensor() if hasattr(g, "full_tensor") else g
         assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7), n
+
+
+# -- what a user names as a model ---------------------------------------------------------------------
+def test_resolve_model_dir_names(tmp_path, monkeypatch):
+    import revllm.assets
+
+    monkeypatch.setattr(revllm.assets, "smollm2_model_dir", lambda: tmp_path / "cached-smollm2")
+    assert ckpt_io.resolve_model_dir("smollm2") == tmp_path / "cached-smollm2"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        ckpt_io.resolve_model_dir(tmp_path / "nowhere")
+    ck = _fake_checkpoint(tmp_path / "run")
+    assert ckpt_io.resolve_model_dir(ck) == ck / "model"  # a checkpoint: verified, its model/
+    copied = tmp_path / "renamed"
+    import shutil
+
+    shutil.copytree(ck, copied)  # a checkpoint under another name is still recognised by its manifest
+    assert ckpt_io.resolve_model_dir(copied) == copied / "model"
+    (ck / "manifest.json").unlink()  # a step_ directory without its manifest is refused, not read
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt_io.resolve_model_dir(ck)
+
+
+# -- drift monitor: fallback only above the threshold; the per-layer figure is logged ------------------
+def test_drift_fallback_only_above_its_threshold_and_per_layer_max_logged(caplog):
+    import logging
+
+    from test_exact import _drift
+
+    with caplog.at_level(logging.DEBUG, logger="revllm.drift"):
+        model = _drift(False, drift_threshold=1.0, drift_fallback=True)  # bf16 drift ~1e-3: far below 1.0
+    mon = model.drift_monitor
+    assert mon.fallbacks == 0 and 0 < max(mon.last_per_layer) < 1.0
+    assert f"per-layer reconstruction drift: max {max(mon.last_per_layer):.3g}" in caplog.text
