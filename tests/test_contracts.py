@@ -331,6 +331,18 @@ def test_resolve_model_dir_names(tmp_path, monkeypatch):
     (ck / "manifest.json").unlink()  # a step_ directory without its manifest is refused, not read
     with pytest.raises(CheckpointError, match="incomplete"):
         ckpt_io.resolve_model_dir(ck)
+    run = tmp_path / "run"  # its only checkpoint is now bad
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        with pytest.raises(CheckpointError, match=f"run {run} has no good checkpoint"):
+            ckpt_io.resolve_model_dir(run)
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")  # a finished fine-tuning run: RUN/model
+    assert ckpt_io.resolve_model_dir(run) == run / "model"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert ckpt_io.resolve_model_dir(tmp_path / "hf") == tmp_path / "hf"
+    with pytest.raises(RevLLMError, match=r"is not a run directory, a checkpoint or a Hugging Face model directory"):
+        ckpt_io.resolve_model_dir(tmp_path / "run" / "checkpoints")
 
 
 # -- drift monitor: fallback only above the threshold; the per-layer figure is logged ------------------

@@ -57,6 +57,11 @@ def test_gguf_converts_to_the_same_function(tmp_path):
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert (rev(ids).logits - src(ids).logits).abs().max() <= 1e-5
+    # `revllm eval/generate` name a .gguf directly: load_model reads it with transformers' loader
+    from revllm.train.checkpoint import load_model
+
+    plain = load_model(path)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in src.state_dict().items())
     # and the default near-Euler conversion of the same file runs (exact, memory-free)
     near = convert(path)
     assert near.config.dynamics == "midpoint_a" and near.config.exact_reversal
