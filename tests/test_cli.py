@@ -69,10 +69,11 @@ def test_pipeline_end_to_end(tmp_path, corpus_dir, tiny_tokenizer, capsys):
 
 def test_exit_codes_subprocess(tmp_path, token_dir):
     r = _cli("data", tmp_path / "missing.txt", "--out", tmp_path / "t")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"revllm data: error: input {tmp_path / 'missing.txt'} does not exist"
+    # the whole of stderr is the one line (not just its last line)
+    assert r.returncode == 2 and r.stderr == f"revllm data: error: input {tmp_path / 'missing.txt'} does not exist\n"
     r = _cli("train", "--data", token_dir, "--out", tmp_path / "r", "--dynamics", "rk4", *TINY)
-    assert r.returncode == 2
-    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    last = r.stderr.strip()
     assert last.startswith("revllm train: error: dynamics='rk4' is unknown; allowed:") and "midpoint" in last
 
 

@@ -81,17 +81,37 @@ def test_fixed_point_start_makes_midpoint_first_layer_residual():
         assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-6
 
 
+def _without_layers(src):
+    """The source with every residual branch zeroed (output projections = 0): embeddings + head only."""
+    import copy
+
+    z = copy.deepcopy(src)
+    with torch.no_grad():
+        for n, p in z.named_parameters():
+            if any(s in n for s in ("o_proj", "down_proj", "c_proj")):
+                p.zero_()
+    return z
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_near_euler_k8_within_one_percent_of_original_loss(family):
+def test_near_euler_k8_stays_close_to_the_original(family):
+    """Near-Euler (a = 2^-k) deviates from the residual network by O(a) of what the layers contribute.
+    Measured against that contribution (original vs the same model with its layers zeroed), not against
+    the loss: on random tiny models the layers move the loss by < 0.3%, so a loss tolerance of 1% also
+    passed a model with zeroed layers. Observed ratio ~0.005 at k=8 (a = 1/256); zeroed layers give 1."""
     src = tiny_hf(family, layers=4)
     ids = _ids(B=4, T=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rev = convert(src, dynamics="midpoint_a", k=8, dtype=torch.float64)
-    assert rev.config.midpoint_a == 2.0**-8
+        rev8 = convert(src, dynamics="midpoint_a", k=8, dtype=torch.float64)
+        rev4 = convert(src, dynamics="midpoint_a", k=4, dtype=torch.float64)
+    assert rev8.config.midpoint_a == 2.0**-8
     with torch.no_grad():
-        l0, l1 = src(ids, labels=ids).loss.item(), rev(ids, labels=ids).loss.item()
-    assert abs(l1 - l0) / l0 < 0.01
+        orig, layers_off = src(ids).logits, _without_layers(src)(ids).logits
+        contribution = (orig - layers_off).norm()
+        dev8, dev4 = ((m(ids).logits - orig).norm() / contribution for m in (rev8, rev4))
+    assert dev8 <= 0.02
+    assert dev4 > 4 * dev8  # the deviation scales with a (16x larger a, ~16x larger deviation)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -440,6 +460,29 @@ def test_real_smollm2_euler_conversion_matches_and_generates():
     assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
 
 
+def _report_oracle(src, conv, ids, win):
+    """(original ppl, converted ppl, KL(original || converted) per token) over consecutive windows of
+    ``win`` tokens, computed here from plain forwards: the values the conversion report must show."""
+    import math
+
+    import torch.nn.functional as F
+
+    ce = {"src": 0.0, "conv": 0.0}
+    kl, n_pred, n_pos = 0.0, 0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids), win):
+            w = ids[s : s + win][None]
+            if w.shape[1] < 2:
+                continue
+            lp = F.log_softmax(src(w).logits[0].double(), -1)
+            lq = F.log_softmax(conv(w).logits[0].double(), -1)
+            for k, l in (("src", lp), ("conv", lq)):
+                ce[k] -= l[:-1].gather(1, w[0, 1:, None]).sum().item()
+            kl += (lp.exp() * (lp - lq)).sum().item()
+            n_pred, n_pos = n_pred + w.shape[1] - 1, n_pos + w.shape[1]
+    return math.exp(ce["src"] / n_pred), math.exp(ce["conv"] / n_pred), kl / n_pos
+
+
 def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
     import json
     import sys
@@ -464,8 +507,13 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
                      "--distill", str(data), "--steps", "2", "--batch-size", "2", "--eval-interval", "2",
                      "--checkpoint-interval", "2"]) == 0
     rep = json.loads((out / "conversion_report.json").read_text())
-    assert rep["converted_ppl"] > 0 and rep["kl_original_converted"] > 0 and rep["distill"]["steps"] == 2
-    assert rep["report_tokens"] == 300
+    assert rep["distill"]["steps"] == 2 and rep["report_tokens"] == 300
+    # the report's figures (measured before distillation) equal plain forwards of original and conversion
+    src32 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    want = _report_oracle(src32, convert(src32, dynamics="midpoint_a", k=3), torch.tensor([(i * 7) % 97 for i in range(300)]), 32)
+    got = (rep["original_ppl"], rep["converted_ppl"], rep["kl_original_converted"])
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
+    assert want[2] > 1e-6  # k=3 really changed the model (a = 1/8): the KL is not a rounding-level zero
     assert "KL(original || converted)" in capsys.readouterr().out
     back = AutoModelForCausalLM.from_pretrained(out)
     assert back.config.midpoint_a == 1 / 8 and back.config.exact_reversal
@@ -508,7 +556,13 @@ def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch)
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
     assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c2"), "--report-text", str(text)]) == 0
     rep = json.loads((tmp_path / "c2" / "conversion_report.json").read_text())
-    assert rep["report_tokens"] == 300 and rep["converted_ppl"] > 0
+    assert rep["report_tokens"] == 300
+    # exact values: windows of min(128, 64 positions) = 64, plain forwards of the source and the saved model
+    src32 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    want = _report_oracle(src32, AutoModelForCausalLM.from_pretrained(tmp_path / "c2"),
+                          torch.tensor([(i * 7) % 97 for i in range(300)]), 64)
+    got = (rep["original_ppl"], rep["converted_ppl"], rep["kl_original_converted"])
+    assert got == pytest.approx(want, rel=1e-4), (got, want)
     for bad, msg in ((["--seq-len", "65"], "exceeds the source model's 64 positions"), (["--report-tokens", "1"], ">= 2")):
         capsys.readouterr()
         assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c3"), "--report-text", str(text), *bad]) == 2

@@ -118,8 +118,11 @@ def test_bf16_autocast_keeps_streams_fp32_and_matches_stored():
         loss.backward()
         grads[mf] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (torch.bfloat16, torch.float32) in seen and all(z == torch.float32 for _, z in seen)
-    cos = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
-    assert cos > 0.99
+    # The backward replays the forward's autocast on fp32 streams, so it recomputes the very bf16 block
+    # outputs: observed 2e-7 relative (fp32 reconstruction). A backward without the autocast, or bf16
+    # streams, differs by bf16 rounding (~5e-3, as bf16 vs fp32 gradients do); cosine > 0.99 admitted 14%.
+    rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
+    assert rel <= 1e-5
 
 
 def test_sdpa_matches_eager_attention():

@@ -1,4 +1,5 @@
 """The training loop: checkpoints (atomic, verified, exact resume), bad states, config handling."""
+import math
 import shutil
 
 import pytest
@@ -23,7 +24,9 @@ def _assert_same(a, b):
 def test_train_writes_run(tmp_path, token_dir):
     s = train(tiny_train_config(token_dir, tmp_path / "run", keep_last=1))
     run = tmp_path / "run"
-    assert s["steps"] == 6 and s["val_loss"] < 6.0 and s["memory_free"]
+    # A uniform guess over the 300-token vocabulary scores ln 300 = 5.70 (where the untrained model starts);
+    # 6 steps reach ~5.2. 0.3 below uniform: a model that did not learn (or a broken loss) cannot pass.
+    assert s["steps"] == 6 and s["val_loss"] < math.log(300) - 0.3 and s["memory_free"]
     assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000006"]  # keep_last=1
     assert (run / "metrics.csv").read_text().count("\n") == 7 and (run / "tb").is_dir()
     for k in ("tokens_per_s", "activation_mb", "peak_mb", "params"):

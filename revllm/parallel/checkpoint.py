@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -192,8 +193,10 @@ def load_sharded(path, model, optimizer=None) -> dict:
     to_load = _state_dicts(model, optimizer)
     try:
         dcp.load(to_load, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
-    except (pickle.UnpicklingError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot load sharded checkpoint {path}: {str(e).splitlines()[0]}") from e
+    except (pickle.UnpicklingError, RuntimeError, ValueError, DCPException) as e:
+        # DCP wraps each rank's error in a CheckpointException (a BaseException): report the first cause.
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, DCPException) and e.failures else e
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {str(cause).splitlines()[0]}") from e
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=_OPTS)
     else:
