@@ -1,0 +1,65 @@
+"""Fast paths of the training step (issue 20): each must be the same function as the path it replaces."""
+import pytest
+import torch
+
+from revllm.modeling import loss as loss_mod
+from revllm.modeling.loss import chunked_causal_lm_loss, loss_path
+
+from conftest import tiny_model
+
+
+def _loss_and_grads(chunk, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 8, generator=g, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=True).to(dtype)
+    labels = torch.randint(0, 13, (3, 11), generator=g)
+    labels[1, :4] = -100
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
+    loss.backward()
+    return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
+
+
+def _count_head_evaluations(monkeypatch):
+    calls = []
+    inner = loss_mod._chunk_loss_sum
+
+    def counted(h, *a):
+        calls.append(h.shape[0])
+        return inner(h, *a)
+
+    monkeypatch.setattr(loss_mod, "_chunk_loss_sum", counted)
+    return calls
+
+
+def test_loss_path_threshold():
+    assert loss_path(30, 30) == "full" and loss_path(0, 1) == "full"
+    assert loss_path(31, 30) == "chunked"
+
+
+def test_full_and_chunked_loss_agree_in_float64():
+    full = _loss_and_grads(chunk=1000)
+    for chunk in (1, 7, 29):
+        for a, b in zip(full, _loss_and_grads(chunk)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_one_chunk_evaluates_the_head_once(monkeypatch):
+    calls = _count_head_evaluations(monkeypatch)
+    _loss_and_grads(chunk=30)  # 3 * 10 = 30 shifted tokens: one chunk
+    assert calls == [30]  # no recompute in the backward
+
+
+def test_beyond_one_chunk_recomputes_each_chunk(monkeypatch):
+    calls = _count_head_evaluations(monkeypatch)
+    _loss_and_grads(chunk=16)  # 30 tokens: chunks of 16 and 14, each rebuilt in the backward
+    assert sorted(calls) == [14, 14, 16, 16]
+
+
+@pytest.mark.parametrize("chunk, expected", [(64, [38]), (16, [16, 16, 6] * 2)])
+def test_model_loss_picks_path_by_chunk_size(monkeypatch, chunk, expected):
+    calls = _count_head_evaluations(monkeypatch)
+    model = tiny_model(loss_chunk_size=chunk)
+    ids = torch.randint(0, 97, (2, 20))
+    model(ids, labels=ids).loss.backward()
+    assert sorted(calls) == sorted(expected)
