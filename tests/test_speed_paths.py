@@ -63,3 +63,14 @@ def test_model_loss_picks_path_by_chunk_size(monkeypatch, chunk, expected):
     ids = torch.randint(0, 97, (2, 20))
     model(ids, labels=ids).loss.backward()
     assert sorted(calls) == sorted(expected)
+
+
+def test_euler_builds_no_unused_initial_state():
+    """euler never reads the older stream: a fixed-point initial state must not cost a layer evaluation."""
+    model = tiny_model(dynamics="euler", initial_state="fixed_point", dtype=torch.float64)
+    ref = tiny_model(dynamics="euler", initial_state="copy", dtype=torch.float64)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(model(ids, labels=ids).loss, ref(ids, labels=ids).loss)
+    assert len(calls) == 1

@@ -94,7 +94,9 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def _initial_pair(self, p0, stack: Stack):
         """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
         mode = self.config.initial_state
-        if mode == "copy":
+        a0 = self.dynamics.coefficients(0)[0]
+        if mode == "copy" or (not torch.is_tensor(a0) and a0 == 0):
+            # A_0 = 0 (euler): the first step never reads the older stream, so do not build it.
             return p0, p0
         if mode == "zero":
             return torch.zeros_like(p0), p0
