@@ -113,3 +113,16 @@ def test_fused_fixed_point_start_is_bitwise_in_exact_mode():
     for n in st[2]:
         assert torch.equal(mf[2][n], st[2][n]), n
     assert model.drift_monitor.last_bottom == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_whole_values_per_byte_packing_keeps_the_bit_layout(k):
+    """The uint8 fast path for k | 8 writes the generic little-endian bit stream, byte for byte."""
+    from revllm.dynamics import fixedpoint as fxp
+
+    low = torch.randint(0, 2**k, (3, 5, 7), dtype=torch.int64)
+    bits = ((low.reshape(-1, 1) >> torch.arange(k)) & 1).reshape(-1)
+    bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 8)]).view(-1, 8)
+    ref = (bits << torch.arange(8)).sum(-1).to(torch.uint8)
+    assert torch.equal(fxp.pack_bits(low, k), ref)
+    assert torch.equal(fxp.unpack_bits(ref, k, low.shape), low)
