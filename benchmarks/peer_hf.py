@@ -149,19 +149,27 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
     ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq), generator=g).to(device)
     for m in models.values():
         m.to(device)
-    for n in names:  # warm-up: allocator, thread pools, lazy inits
-        step(models[n], ids, amp)
-    mem = {n: memory(models[n], ids, amp) for n in names}
+    bar = tqdm(total=(2 + args.rounds + args.profile) * len(names), desc=f"{layers} layers", unit="step")
+
+    def each(what, fn):
+        out = {}
+        for n in names:
+            bar.set_postfix_str(f"{what} {n}")
+            out[n] = fn(models[n])
+            bar.update()
+        return out
+
+    each("warm-up", lambda m: step(m, ids, amp))  # allocator, thread pools, lazy inits
+    mem = each("memory", lambda m: memory(m, ids, amp))
     times = {n: [] for n in names}
-    bar = tqdm(total=args.rounds * len(names), desc=f"{layers} layers", unit="step")
     for r in range(args.rounds):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
-            bar.set_postfix_str(n)
+            bar.set_postfix_str(f"round {r + 1} {n}")
             times[n].append(step(models[n], ids, amp))
             bar.update()
+    prof = each("profile", lambda m: profile(m, ids, amp, args.profile_top)) if args.profile else {}
     bar.close()
-    prof = {n: profile(models[n], ids, amp, args.profile_top) for n in names} if args.profile else {}
     med = {n: statistics.median(times[n]) for n in names}
     rows = []
     for n in names:
@@ -230,7 +238,10 @@ def plot(result: dict, path: Path) -> None:
         ax.bar([i + k * w for i in range(len(names))], ratios, w, label=f"{d['layers']} layers")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([i + w * (len(depths) - 1) / 2 for i in range(len(names))])
-    ax.set_xticklabels([CONFIGS[n][0].replace("revllm ", "").replace(", ", "\n") for n in names], fontsize=7)
+    short = {"hf": "HF", "hf_ckpt": "HF\n+ ckpt", "euler": "revllm euler\nstored", "euler_ckpt": "revllm euler\n+ ckpt",
+             "midpoint_mf": "midpoint\nmemory-free", "leapfrog_mf": "leapfrog\nmemory-free",
+             "near_euler_exact": "near-Euler k=4\nexact, mem-free"}
+    ax.set_xticklabels([short[n] for n in names], fontsize=8)
     ax.set_ylabel("step time / HF plain")
     s = result["setup"]
     ax.set_title(f"Step time vs HF LlamaForCausalLM, SmolLM2-135M shape, batch {s['batch']}×{s['seq']}, {s['dtype']}, "
