@@ -149,7 +149,7 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
     ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq), generator=g).to(device)
     for m in models.values():
         m.to(device)
-    bar = tqdm(total=(2 + args.rounds + args.profile) * len(names), desc=f"{layers} layers", unit="step")
+    bar = tqdm(total=(args.warmup + 1 + args.rounds + args.profile) * len(names), desc=f"{layers} layers", unit="step")
 
     def each(what, fn):
         out = {}
@@ -159,7 +159,8 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
             bar.update()
         return out
 
-    each("warm-up", lambda m: step(m, ids, amp))  # allocator, thread pools, lazy inits
+    for _ in range(args.warmup):  # allocator, thread pools, lazy inits (the memory pass warms up too)
+        each("warm-up", lambda m: step(m, ids, amp))
     mem = each("memory", lambda m: memory(m, ids, amp))
     times = {n: [] for n in names}
     for r in range(args.rounds):
@@ -189,12 +190,13 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
 def render(result: dict) -> str:
     s = result["setup"]
     m = result["machine"]
+    sh = s["shape"]
     lines = [
-        f"# revllm vs transformers' LlamaForCausalLM: one training step (forward + backward)",
+        "# revllm vs transformers' LlamaForCausalLM: one training step (forward + backward)",
         "",
-        f"SmolLM2-135M shape (d={SHAPE['hidden_size']}, {SHAPE['num_attention_heads']} heads, "
-        f"{SHAPE['num_key_value_heads']} KV heads, intermediate {SHAPE['intermediate_size']}, vocab "
-        f"{SHAPE['vocab_size']}, tied embeddings), random weights, **batch {s['batch']}×{s['seq']}**, {s['dtype']}, "
+        f"SmolLM2-135M shape (d={sh['hidden_size']}, {sh['num_attention_heads']} heads, "
+        f"{sh['num_key_value_heads']} KV heads, intermediate {sh['intermediate_size']}, vocab "
+        f"{sh['vocab_size']}, tied embeddings), random weights, **batch {s['batch']}×{s['seq']}**, {s['dtype']}, "
         f"{m['device']} ({m['cpu']}, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), torch {m['torch']}, "
         f"transformers {s['transformers']}. Median of {s['rounds']} interleaved rounds; ratio to HF without "
         f"checkpointing. {result.get('note', '')}",
@@ -252,12 +254,34 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write(result: dict, stem: Path) -> str:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    md = render(result)
+    stem.with_suffix(".md").write_text(md)
+    plot(result, stem.with_suffix(".png"))
+    return md
+
+
+def merge(paths: list[Path], stem: Path) -> None:
+    """One table from runs of the same setup (their depths side by side, each run's command kept)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    keep = ("batch", "seq", "dtype", "shape")
+    if any({k: r["setup"][k] for k in keep} != {k: runs[0]["setup"][k] for k in keep} for r in runs):
+        sys.exit(f"peer_hf: cannot merge runs of different setups ({', '.join(keep)} must match)")
+    out = dict(runs[0], depths=[d for r in runs for d in r["depths"]],
+               command=" ; ".join(r["command"] for r in runs))
+    out["setup"] = dict(out["setup"], rounds=" / ".join(str(r["setup"]["rounds"]) for r in runs))
+    print(write(out, stem.with_name(stem.name + "_" + runs[0].get("tag", "cpu"))))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[12, 30])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration before the memory pass")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -268,7 +292,11 @@ def main(argv=None):
     p.add_argument("--note", default="", help="free text stored with the result (e.g. 'shared machine')")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="peer_hf")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="only unite runs done separately (e.g. one depth each) into one table; runs nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out / args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,16 +313,13 @@ def main(argv=None):
               "setup": {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "dtype": dtype,
                         "shape": SHAPE, "transformers": transformers.__version__, "configs": args.configs},
               "depths": []}
-    tag = "cpu" if device == "cpu" else "cuda"
-    stem = args.out / f"{args.name}_{tag}{'' if dtype == 'fp32' else '_' + dtype}"
+    result["tag"] = ("cpu" if device == "cpu" else "cuda") + ("" if dtype == "fp32" else "_" + dtype)
+    stem = args.out / f"{args.name}_{result['tag']}"
     args.out.mkdir(parents=True, exist_ok=True)
     for L in args.layers:
         result["depths"].append(run_depth(L, args, device, amp))
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")  # saved as it goes
-    md = render(result)
-    stem.with_suffix(".md").write_text(md)
-    plot(result, stem.with_suffix(".png"))
-    print(md)
+    print(write(result, stem))
 
 
 if __name__ == "__main__":
