@@ -94,17 +94,20 @@ def build_models(layers: int, seed: int) -> dict[str, nn.Module]:
     return models
 
 
+CLOCK = time.perf_counter
+
+
 def step(model, ids, amp: dict) -> float:
-    """One forward + backward; seconds."""
+    """One forward + backward; seconds of CLOCK."""
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = CLOCK()
     with torch.autocast(**amp):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    dt = CLOCK() - t
     model.zero_grad(set_to_none=True)
     return dt
 
@@ -198,7 +201,7 @@ def render(result: dict) -> str:
         f"{sh['num_key_value_heads']} KV heads, intermediate {sh['intermediate_size']}, vocab "
         f"{sh['vocab_size']}, tied embeddings), random weights, **batch {s['batch']}×{s['seq']}**, {s['dtype']}, "
         f"{m['device']} ({m['cpu']}, {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}), torch {m['torch']}, "
-        f"transformers {s['transformers']}. Median of {s['rounds']} interleaved rounds; ratio to HF without "
+        f"transformers {s['transformers']}. Median of {s['rounds']} interleaved rounds ({s.get('clock', 'wall')} clock); ratio to HF without "
         f"checkpointing. {result.get('note', '')}",
         "",
         f"Command: `{result['command']}`",
@@ -281,6 +284,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time, robust on a loaded machine with --threads 1 (CPU only)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration before the memory pass")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -299,6 +304,8 @@ def main(argv=None):
         return merge(args.merge, args.out / args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     if dtype == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -310,7 +317,7 @@ def main(argv=None):
     command = "python benchmarks/peer_hf.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"table": "peer_hf", "command": command.strip(), "note": args.note,
               "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(device),
-              "setup": {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "dtype": dtype,
+              "setup": {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "dtype": dtype, "clock": args.clock,
                         "shape": SHAPE, "transformers": transformers.__version__, "configs": args.configs},
               "depths": []}
     result["tag"] = ("cpu" if device == "cpu" else "cuda") + ("" if dtype == "fp32" else "_" + dtype)
