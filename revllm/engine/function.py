@@ -48,6 +48,9 @@ class Stack:
     preserve_rng: bool = False  # dropout active: replay each evaluation's RNG state
     exact_bits: int | None = None  # int64 fixed-point streams with this many fraction bits; None: float
     monitor: DriftMonitor | None = None  # reconstruction drift (always-on bottom check, debug per layer)
+    # Fixed-point initial state x_0 = y_0 - h f_0(y_0), built from the first layer's own evaluation
+    # (one f_0 per pass instead of two); run_stack then takes x = None. Only for one-part dynamics.
+    initial_h: float | None = None
 
     def substeps(self):
         """(layer index, block, part) in forward order."""
@@ -65,20 +68,31 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
     ``memory_free=True`` uses the reversible backward; ``False`` is the identical arithmetic with all
     activations stored, the reference the engine is tested against (ordinary autograd for float
     streams; the engine with kept graphs for fixed-point streams, which autograd cannot carry).
+    With ``stack.initial_h`` set, ``x`` is None and the first layer's evaluation also builds x_0.
     """
+    if (x is None) != (stack.initial_h is not None):
+        raise ValueError("run_stack: pass x=None exactly when stack.initial_h builds the initial state")
     if not memory_free and stack.exact_bits is None:
-        for j, block, part in stack.substeps():
-            x, y = y, stack.dynamics.step(j, x, y, stack.f(block, part, y))
+        for i, (j, block, part) in enumerate(stack.substeps()):
+            fy = stack.f(block, part, y)
+            if x is None:
+                x = initial_state(y, fy, stack.initial_h)
+            x, y = y, stack.dynamics.step(j, x, y, fy)
         return x, y
     # Function outputs require grad only if an input does: anchor the parameters' gradients when
     # the streams themselves need none (e.g. frozen embeddings under LoRA).
-    needs_anchor = not (x.requires_grad or y.requires_grad) and torch.is_grad_enabled() and any(
+    needs_anchor = not ((x is not None and x.requires_grad) or y.requires_grad) and torch.is_grad_enabled() and any(
         p.requires_grad for b in stack.blocks for p in b.parameters()
     )
     anchor = torch.empty(0, requires_grad=True) if needs_anchor else None
     store = not memory_free and torch.is_grad_enabled()
     monitor = stack.monitor if memory_free else None  # drift exists only where states are reconstructed
     return ReversibleStackFunction.apply(x, y, anchor, stack, store, monitor)
+
+
+def initial_state(y, fy, h):
+    """x_0 = y_0 - h f_0(y_0), the residual update inverted to first order (in the stream dtype)."""
+    return y - h * fy.to(y.dtype)
 
 
 class ReversibleStackFunction(torch.autograd.Function):
@@ -95,13 +109,11 @@ class ReversibleStackFunction(torch.autograd.Function):
             dtype=torch.get_autocast_dtype(dev.type),
             cache_enabled=False,
         )
-        X, Y = streams.encode(x), streams.encode(y)
+        X, Y = (None if x is None else streams.encode(x)), streams.encode(y)
         with torch.autocast(**ctx.autocast):
             for j, block, part in stack.substeps():
                 if stack.preserve_rng and not store:
                     rng_states.append(rng.capture(dev))
-                if mon is not None and mon.per_layer:
-                    states.append(X.clone())  # debug: the state the backward will reconstruct
                 yf = streams.decode(Y, dtype)
                 if store:  # reference: keep this evaluation's graph for the backward
                     y_in = yf.detach().requires_grad_(True)
@@ -111,6 +123,11 @@ class ReversibleStackFunction(torch.autograd.Function):
                     fy = fy.detach()
                 else:
                     fy = stack.f(block, part, yf)
+                if X is None:  # fused fixed-point initial state (kept in float for the drift check)
+                    x = initial_state(y, fy, stack.initial_h).detach()
+                    X = streams.encode(x)
+                if mon is not None and mon.per_layer:
+                    states.append(X.clone())  # debug: the state the backward will reconstruct
                 Z, side = streams.step(j, X, Y, fy)
                 sides.append(side)
                 X, Y = Y, Z
@@ -170,11 +187,18 @@ class ReversibleStackFunction(torch.autograd.Function):
                         if fell_back or (mon.fallback and mon.exceeded(rels[-1])):
                             fell_back, X = True, ref  # continue from the stored states
                         ctx.states[i] = None
+                g_x = _mul(a, g_z)
+                g_f = _mul(c, g_z)
+                if i == 0 and stack.initial_h is not None:
+                    # x_0 = y_0 - h f_0(y_0) came from this very evaluation: one VJP carries both uses.
+                    g_f = g_f - stack.initial_h * g_x
                 if fy.requires_grad:
-                    torch.autograd.backward(fy, (_mul(c, g_z)).to(fy.dtype))
+                    torch.autograd.backward(fy, g_f.to(fy.dtype))
                 del fy  # frees this layer's graph before the next
                 g_in = y_in.grad if y_in.requires_grad else None
-                g_x = _mul(a, g_z)
+                if i == 0 and stack.initial_h is not None:
+                    g_in = g_x if g_in is None else g_in.to(g_x.dtype) + g_x  # dx_0/dy_0 = I
+                    g_x = None
                 g_y_new = g_y if g_in is None else g_in.to(g_y.dtype).add_(g_y)
                 if torch.is_tensor(b) or b != 0:  # (a 0-d tensor coefficient always contributes)
                     g_y_new = g_y_new + _mul(b, g_z)

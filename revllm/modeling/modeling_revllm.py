@@ -94,7 +94,9 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def _initial_pair(self, p0, stack: Stack):
         """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
         mode = self.config.initial_state
-        if mode == "copy":
+        a0 = self.dynamics.coefficients(0)[0]
+        if mode == "copy" or (not torch.is_tensor(a0) and a0 == 0):
+            # A_0 = 0 (euler): the first step never reads the older stream, so do not build it.
             return p0, p0
         if mode == "zero":
             return torch.zeros_like(p0), p0
@@ -105,6 +107,17 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             kw["cache"] = kw["cache"].at(self.config.num_hidden_layers)
         f0 = self.model.layers[0](p0, part="full", **{k: v for k, v in kw.items() if k != "cache"}, cache=kw.get("cache"))
         return p0 - self.dynamics.h * f0.to(p0.dtype), p0
+
+    def _fuse_initial_state(self, outside_engine: bool, preserve_rng: bool) -> bool:
+        """Whether the engine builds the fixed-point initial state from layer 0's own evaluation.
+
+        p_{-1} = p_0 - h f_0(p_0) and layer 0's step both evaluate f_0 at p_0: the engine reuses the one
+        evaluation (forward and backward). Not for two-part rules (layer 0 evaluates a part, not f_0),
+        under dropout (the two evaluations draw different masks), or outside the engine (KV cache,
+        checkpointed stack)."""
+        a0 = self.dynamics.coefficients(0)[0]
+        return (self.config.initial_state == "fixed_point" and self.dynamics.parts == ("full",)
+                and not outside_engine and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
 
     def forward(
         self,
@@ -150,13 +163,17 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
         stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
                       DriftMonitor.attach(self, self.config))
-        x0, y0 = self._initial_pair(p0, stack)
-
         # The reversible backward only pays off when a backward will run; caching would be updated
         # twice by its recomputation, so the cached (inference) path is the plain loop.
         memory_free = self.config.memory_free and torch.is_grad_enabled() and not caching
         if memory_free and self.gradient_checkpointing:
             warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
+        checkpointed = not memory_free and self.gradient_checkpointing and torch.is_grad_enabled()
+        if self._fuse_initial_state(caching or checkpointed, preserve_rng):
+            stack.initial_h = self.dynamics.h  # the engine builds x_0 from layer 0's own f_0(p_0)
+            x0, y0 = None, p0
+        else:
+            x0, y0 = self._initial_pair(p0, stack)
         if caching:
             # The plain loop, on the same streams as the engine (int64 fixed point in exact mode), so a
             # cached forward follows the very trajectory of the uncached one.
@@ -169,7 +186,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
                     X, Y = Y, streams.step(j, X, Y, stack.f(block, part, streams.decode(Y, y0.dtype)))[0]
             streams.check()
             yL = streams.decode(Y, y0.dtype)
-        elif not memory_free and self.gradient_checkpointing and torch.is_grad_enabled():
+        elif checkpointed:
             _, yL = self._checkpointed_stack(x0, y0, stack)
         else:
             _, yL = run_stack(x0, y0, stack, memory_free=memory_free)
