@@ -57,13 +57,13 @@ def test_cli_binary_input_is_one_line_exit_2(tmp_path):
 def test_cli_foreign_tokenizer_is_one_line_exit_2(tmp_path, token_dir, corpus_dir):
     from revllm.data import prepare_tokens
 
-    other = prepare_tokens([corpus_dir], tmp_path / "other", tokenizer=str(train_tokenizer(tmp_path / "bpe2", 250, seed=1)),
+    prepare_tokens([corpus_dir], tmp_path / "other", tokenizer=str(train_tokenizer(tmp_path / "bpe2", 250, seed=1)),
                            val_fraction=0.1, progress=False)
     run = tmp_path / "run"
     r = _run(["train", "--data", token_dir, "--out", run, "--max-steps", 1, "--checkpoint-interval", 1, *TINY])
     assert r.returncode == 0, r.stderr[-3000:]
     before = sorted(p.name for p in ckpt_io.list_checkpoints(run))
-    r = _run(["train", "--out", run, "--resume", "--data", other, "--max-steps", 2, "--no-progress"])
+    r = _run(["train", "--out", run, "--resume", "--data", tmp_path / "other", "--max-steps", 2, "--no-progress"])
     _one_line(r, "train", "tokenizer")
     assert sorted(p.name for p in ckpt_io.list_checkpoints(run)) == before  # nothing written, nothing lost
 
@@ -97,7 +97,6 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch issue-16 (today: a traceback and exit 1)")
 def test_cli_full_disk_is_one_line_exit_2(tmp_path, token_dir):
     run = tmp_path / "run"
     r = _run(["train", "--data", token_dir, "--out", run, "--max-steps", 2, "--checkpoint-interval", 1, *TINY],
@@ -149,14 +148,14 @@ def _fake_checkpoint(root: Path) -> Path:
     return ck
 
 
-def test_checkpoint_with_a_listed_file_missing_is_refused(tmp_path):
+def test_checkpoint_with_a_listed_file_missing_is_refused(tmp_path, capsys):
     ck = _fake_checkpoint(tmp_path)
     assert ckpt_io.verify(ck) == ck
     (ck / "model" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model/model.safetensors is missing"):
         ckpt_io.verify(ck)
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        assert ckpt_io.latest_good(tmp_path) is None
+    assert ckpt_io.latest_good(tmp_path) is None
+    assert "checkpoint step_00000001 is corrupted" in capsys.readouterr().err
 
 
 def test_sharded_checkpoint_with_a_listed_file_missing_is_refused(tmp_path):
@@ -314,7 +313,7 @@ def test_recompute_hooks_on_a_model_sharded_elsewhere(one_process_group):
 
 
 # -- what a user names as a model ---------------------------------------------------------------------
-def test_resolve_model_dir_names(tmp_path, monkeypatch):
+def test_resolve_model_dir_names(tmp_path, monkeypatch, capsys):
     import revllm.assets
 
     monkeypatch.setattr(revllm.assets, "smollm2_model_dir", lambda: tmp_path / "cached-smollm2")
@@ -332,9 +331,9 @@ def test_resolve_model_dir_names(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="incomplete"):
         ckpt_io.resolve_model_dir(ck)
     run = tmp_path / "run"  # its only checkpoint is now bad
-    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
-        with pytest.raises(CheckpointError, match=f"run {run} has no good checkpoint"):
-            ckpt_io.resolve_model_dir(run)
+    with pytest.raises(CheckpointError, match=f"run {run} has no good checkpoint"):
+        ckpt_io.resolve_model_dir(run)
+    assert "checkpoint step_00000001 is corrupted" in capsys.readouterr().err
     (run / "model").mkdir()
     (run / "model" / "config.json").write_text("{}")  # a finished fine-tuning run: RUN/model
     assert ckpt_io.resolve_model_dir(run) == run / "model"

@@ -95,10 +95,6 @@ def _resolve_resume(cfg, explicit):
     # The lr schedule is the one the run was planned with (runs saved before schedule_steps: their max_steps);
     # re-planning it for a new --max-steps would make the lr jump at the resumed step.
     new.schedule_steps = stored.get("schedule_steps") or stored["max_steps"]
-    if new.max_steps > new.schedule_steps:
-        ckpt_io.say(f"--max-steps {new.max_steps} extends the run past the {new.schedule_steps} steps its lr schedule "
-                    f"planned: the schedule is kept, steps {new.schedule_steps + 1}-{new.max_steps} run at its final lr "
-                    f"{new.min_lr:g} (min_lr)")
     return new.validate(), ckpt, meta, opt_state, rng
 
 
@@ -235,6 +231,10 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     if max_pos is not None and cfg.seq_len > max_pos:
         raise RevLLMError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     data.check(cfg.seq_len, model.config.vocab_size)
+    if resume and cfg.max_steps > cfg.schedule_steps:  # said once the inputs are known to be good
+        ckpt_io.say(f"--max-steps {cfg.max_steps} extends the run past the {cfg.schedule_steps} steps its lr schedule "
+                    f"planned: the schedule is kept, steps {cfg.schedule_steps + 1}-{cfg.max_steps} run at its final lr "
+                    f"{cfg.min_lr:g} (min_lr)")
     if cfg.activation_checkpointing:
         if getattr(model.config, "memory_free", False):
             raise RevLLMError("activation_checkpointing applies to the stored path; memory_free stores no activations")
