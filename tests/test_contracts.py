@@ -158,6 +158,17 @@ def test_checkpoint_with_a_listed_file_missing_is_refused(tmp_path, capsys):
     assert "checkpoint step_00000001 is corrupted" in capsys.readouterr().err
 
 
+def test_checkpoint_whose_manifest_lists_nothing_or_leaves_a_file_out_is_refused(tmp_path):
+    ck = _fake_checkpoint(tmp_path)
+    (ck / "model" / "extra.json").write_text("{}")  # a file the manifest does not cover
+    with pytest.raises(CheckpointError, match=r"model/extra.json is not in its manifest"):
+        ckpt_io.verify(ck)
+    (ck / "model" / "extra.json").unlink()
+    (ck / "manifest.json").write_text("{}")  # an empty manifest vouches for nothing
+    with pytest.raises(CheckpointError, match="lists no files"):
+        ckpt_io.verify(ck)
+
+
 def test_sharded_checkpoint_with_a_listed_file_missing_is_refused(tmp_path):
     from revllm.parallel import load_sharded, save_sharded
 

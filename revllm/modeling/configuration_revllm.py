@@ -17,7 +17,8 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
   dyadic a_j = m/2^k; ``midpoint_a_dyadic_bits`` rounds the random draw to such a grid).
 * ``drift_monitor`` / ``drift_threshold`` / ``drift_fallback``: reconstruction-drift diagnostics (debug
   per-layer errors against a stored forward; warn above the threshold; optionally use the stored states).
-* ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy, so full logits are never held.
+* ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: full logits are held only when all
+  tokens fit in one chunk (then they are computed directly, as HF does; see ``modeling/loss.py``).
 """
 from __future__ import annotations
 

@@ -60,6 +60,12 @@ def verify(ckpt: Path) -> Path:
     """Raise CheckpointError unless every file listed in the manifest is present and intact."""
     ckpt = Path(ckpt)
     entries = read_json(ckpt / MANIFEST, f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it", CheckpointError)
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupted: its {MANIFEST} lists no files; refusing it")
+    # every file must be covered: a manifest that leaves one out would let that file change unnoticed
+    unlisted = [str(p.relative_to(ckpt)) for p in _files(ckpt) if str(p.relative_to(ckpt)) not in entries]
+    if unlisted:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupted: {unlisted[0]} is not in its {MANIFEST}; refusing it")
     for rel, digest in entries.items():
         p = ckpt / rel
         if not p.is_file():
