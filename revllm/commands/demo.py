@@ -70,7 +70,8 @@ def run(args):
 
     if args.steps < 1:
         raise RevLLMError("--steps must be >= 1")
-    console = Console()
+    # a pipe or CI log reports 80 columns, which squeezed the table's cells into '…'
+    console = Console(width=None if sys.stdout.isatty() else 120)
     t0 = time.perf_counter()
     out = Path(args.out)
     for name in (args.dynamics, *BASELINES):  # the demo replaces only run dirs it made itself (marked)
