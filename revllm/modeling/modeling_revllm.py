@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..blocks import BACKBONES
+from ..blocks import FAMILIES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
 from ..engine import DriftMonitor, Stack, run_stack
@@ -28,24 +28,29 @@ from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
 
 
+# One regex for all families' tied embeddings: only the family's own one exists in a given model.
+_EMBEDDINGS = "|".join(sorted({spec.embedding for spec in FAMILIES.values()}))
+
+
 class RevLLMPreTrainedModel(PreTrainedModel):
     config_class = RevLLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["GPT2Block", "LlamaBlock"]
-    # One regex for both families: only the family's own embedding exists in a given model.
-    _tied_weights_keys = {"lm_head.weight": r"model\.(embed_tokens|wte)\.weight"}
+    _no_split_modules = sorted({spec.block.__name__ for spec in FAMILIES.values()})
+    _tied_weights_keys = {"lm_head.weight": rf"model\.({_EMBEDDINGS})\.weight"}
 
     def _init_weights(self, module):
         """Init table: Linear/Conv1D weights N(0, initializer_range), biases 0; embeddings
-        N(0, initializer_range); norms weight 1, bias 0; each branch's output projection (c_proj,
-        o_proj, down_proj) N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into
-        the streams; midpoint_a's ``a`` keeps its configured/seeded draw."""
+        N(0, initializer_range); the family's norms weight ``norm_weight`` (1, or 0 where a norm
+        applies 1 + w), bias 0; each branch's output projection (c_proj, o_proj, down_proj)
+        N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into the streams;
+        midpoint_a's ``a`` keeps its configured/seeded draw."""
         from transformers import initialization as init
         from transformers.pytorch_utils import Conv1D
 
         std = self.config.initializer_range
+        spec = FAMILIES[self.config.block]
         if isinstance(module, (nn.Linear, Conv1D)):
             # The blocks mark their residual output projections: transformers initializes leaf modules
             # directly, so the scaling must be decided here, not in a parent's branch.
@@ -55,8 +60,8 @@ class RevLLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__:
-            init.ones_(module.weight)
+        elif isinstance(module, spec.norms):
+            init.constant_(module.weight, spec.norm_weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif type(module).__name__ == "MidpointA":
@@ -69,20 +74,17 @@ class RevLLMPreTrainedModel(PreTrainedModel):
 class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: RevLLMConfig):
         super().__init__(config)
-        self.model = BACKBONES[config.block](config)
+        self.model = FAMILIES[config.block].backbone(config)
         self.dynamics = build_dynamics(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # per-layer checkpointing of the stored path (baseline (b))
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return getattr(self.model, FAMILIES[self.config.block].embedding)
 
     def set_input_embeddings(self, value):
-        if self.config.block == "gpt2":
-            self.model.wte = value
-        else:
-            self.model.embed_tokens = value
+        setattr(self.model, FAMILIES[self.config.block].embedding, value)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -155,7 +157,8 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, need {past + T}")
 
         p0, block_kwargs = self.model.embed(input_ids, position_ids, inputs_embeds)
-        block_kwargs["attention_mask"] = build_mask(attention_mask, T, past + T, device)
+        window = self.config.attention_window
+        block_kwargs["attention_mask"] = build_mask(attention_mask, T, past + T, device, window)
         caching = past_key_values is not None
         if caching:
             block_kwargs["cache"] = _CacheView(past_key_values)
