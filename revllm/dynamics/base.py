@@ -11,6 +11,13 @@ backward pass still holds, evaluating ``f_j`` only at ``y``. A rule is reversibl
 A layer may apply the rule more than once with different parts of the block (``parts``): the
 Hamiltonian rule (eqs. 2.8-2.9) is two such half-steps, one with the attention branch and one with
 the MLP branch. The engine only ever sees ``parts``, ``coefficients``, ``step`` and ``inverse``.
+
+One way to define a rule: a subclass sets ``name``/``reversible``/``parts`` and implements
+``coefficients(j)``, nothing else. ``step``, ``inverse`` and their fixed-point variants
+(``step_exact``, ``inverse_exact``) are derived here from the coefficients and are final: the
+memory-free backward never calls ``step``, it back-propagates with the coefficients themselves
+(g_x = A g_z, g_y += B g_z + C J^T g_z), so a rule whose ``step`` computed anything else would train
+with silently wrong gradients. ``__init_subclass__`` refuses such a subclass when it is defined.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ def register(cls: type["Dynamics"]) -> type["Dynamics"]:
 
 
 class Dynamics(nn.Module):
-    """Base class. Subclasses set ``name``/``reversible``/``parts`` and implement ``coefficients``.
+    """Base class. Subclasses set ``name``/``reversible``/``parts`` and implement ``coefficients`` only.
 
     It is an ``nn.Module`` so that per-layer coefficients (midpoint_a's ``a``) are persistent buffers
     saved with the weights.
@@ -37,8 +44,20 @@ class Dynamics(nn.Module):
 
     name: str = ""
     reversible: bool = True
+    # Derived from ``coefficients`` and used together with them by the engine: not to be overridden.
+    FINAL = ("step", "inverse", "step_exact", "inverse_exact", "_exact_rest")
     parts: tuple[str, ...] = ("full",)  # block parts evaluated in order, one half-step each
     default_step_size: float = 1.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [m for m in Dynamics.FINAL if m in vars(cls)]
+        if overridden:
+            raise TypeError(
+                f"dynamics {cls.__name__} overrides {', '.join(overridden)}: a rule defines only coefficients(j) "
+                f"(and parts); step/inverse are derived from the coefficients because the memory-free backward "
+                f"uses them directly, so an overridden step would train with wrong gradients"
+            )
 
     def __init__(self, config):
         super().__init__()
@@ -46,7 +65,7 @@ class Dynamics(nn.Module):
         self.h = float(config.step_size)
 
     def coefficients(self, j: int):
-        """(A, B, C) of layer ``j``: python floats or 0-d tensors."""
+        """(A, B, C) of layer ``j``: python floats or 0-d tensors. The one method a rule implements."""
         raise NotImplementedError
 
     def step(self, j: int, x: torch.Tensor, y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:

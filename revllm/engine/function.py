@@ -19,8 +19,12 @@ reference (``store=True``) runs the identical forward but keeps each evaluation'
 recomputing it: the backward arithmetic is the same code, so the two agree bit for bit exactly when
 the reconstruction is exact.
 
+The engine owns the layer loop: ``walk`` is the one stepping routine, and every evaluation path goes
+through it -- the memory-free and stored forwards here, KV-cached inference (``Stack.layer_kwargs``
+gives each layer its cache slot) and per-layer activation checkpointing (``Stack.checkpoint``).
+
 The engine knows nothing about attention: a block is any module called as
-``block(y, part=part, **block_kwargs)`` returning f(y) (or the named part of it).
+``block(y, part=part, **block_kwargs, **layer_kwargs(j))`` returning f(y) (or the named part of it).
 Parameter gradients are accumulated into ``.grad`` during the backward, as reentrant activation
 checkpointing does; ``torch.autograd.grad`` on parameters therefore does not see them.
 """
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +55,12 @@ class Stack:
     # Fixed-point initial state x_0 = y_0 - h f_0(y_0), built from the first layer's own evaluation
     # (one f_0 per pass instead of two); run_stack then takes x = None. Only for one-part dynamics.
     initial_h: float | None = None
+    # Extra kwargs of layer j's block (a KV cache's slot); only where each layer is evaluated once
+    # (a memory-free or checkpointed backward would recompute it, extending a cache twice).
+    layer_kwargs: Callable[[int], dict] | None = None
+    # Per-layer activation checkpointing of the stored float path: checkpoint(fn, *args) -> fn(*args)
+    # (HF's ``_gradient_checkpointing_func``).
+    checkpoint: Callable | None = None
 
     def substeps(self):
         """(layer index, block, part) in forward order."""
@@ -58,8 +68,41 @@ class Stack:
             for part in self.dynamics.parts:
                 yield j, block, part
 
-    def f(self, block, part, y):
-        return block(y, part=part, **self.block_kwargs)
+    def f(self, block, part, y, j=None):
+        """f_j(y) (or its ``part``): the block with the shared kwargs and layer j's own."""
+        if self.layer_kwargs is None or j is None:
+            return block(y, part=part, **self.block_kwargs)
+        return block(y, part=part, **self.block_kwargs, **self.layer_kwargs(j))
+
+
+def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None, layer: int | None = None):
+    """The layer loop, the one stepping routine of every evaluation path. For each (layer j, part):
+
+        fy = evaluate(i, j, block, part, decode(Y));   (X, Y) <- (Y, step(j, X, Y, fy))
+
+    on the held streams (``streams``: floats, or int64 fixed point; ``x``, ``y`` are encoded first).
+    ``x=None`` builds the fixed-point initial state x_0 = y_0 - h f_0(y_0) from the first evaluation.
+    ``evaluate`` (default: ``stack.f`` with the layer's kwargs) is how a path evaluates a block (kept
+    graph, RNG capture); ``states`` receives the older held stream of each step (the drift reference);
+    ``layer`` restricts the walk to one layer (checkpointing). The substep index i counts from the
+    first layer either way. Returns (X, Y, sides, x0): the final held pair, each step's side data for
+    the inverse, and the float initial state."""
+    evaluate = evaluate or (lambda i, j, block, part, yf: stack.f(block, part, yf, j))
+    X, Y = (None if x is None else streams.encode(x)), streams.encode(y)
+    sides = []
+    for i, (j, block, part) in enumerate(stack.substeps()):
+        if layer is not None and j != layer:
+            continue
+        fy = evaluate(i, j, block, part, streams.decode(Y, y.dtype))
+        if X is None:  # fused initial state (kept in float for the drift check)
+            x = initial_state(y, fy, stack.initial_h)
+            X = streams.encode(x)
+        if states is not None:
+            states.append(X.clone())  # debug: the state the backward will reconstruct
+        Z, side = streams.step(j, X, Y, fy)
+        sides.append(side)
+        X, Y = Y, Z
+    return X, Y, sides, x
 
 
 def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool):
@@ -72,12 +115,14 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
     """
     if (x is None) != (stack.initial_h is not None):
         raise ValueError("run_stack: pass x=None exactly when stack.initial_h builds the initial state")
-    if not memory_free and stack.exact_bits is None:
-        for i, (j, block, part) in enumerate(stack.substeps()):
-            fy = stack.f(block, part, y)
-            if x is None:
-                x = initial_state(y, fy, stack.initial_h)
-            x, y = y, stack.dynamics.step(j, x, y, fy)
+    if stack.layer_kwargs is not None and (memory_free or stack.checkpoint is not None):
+        # A recomputing backward would evaluate each layer twice, e.g. extend a KV cache twice.
+        raise ValueError("run_stack: per-layer kwargs are for paths that evaluate each layer once "
+                         "(not memory_free, not checkpointed)")
+    if not memory_free and stack.checkpoint is not None:
+        return _checkpointed(x, y, stack)
+    if not memory_free and stack.exact_bits is None:  # ordinary autograd through the float streams
+        x, y, _, _ = walk(stack, make_streams(stack.dynamics, None), x, y)
         return x, y
     # Function outputs require grad only if an input does: anchor the parameters' gradients when
     # the streams themselves need none (e.g. frozen embeddings under LoRA).
@@ -90,6 +135,24 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
     return ReversibleStackFunction.apply(x, y, anchor, stack, store, monitor)
 
 
+def _checkpointed(x, y, stack: Stack):
+    """Stored path with per-layer activation checkpointing (HF's gradient checkpointing), one ``walk``
+    per layer. It runs float streams: autograd cannot carry gradients through int64 fixed point, so
+    in exact mode this is the float trajectory (rounding-level different from the exact one)."""
+    if stack.exact_bits is not None:
+        warnings.warn("activation checkpointing runs float streams; exact_reversal's fixed-point "
+                      "trajectory is kept by memory_free=True or by the stored path without checkpointing")
+    streams = make_streams(stack.dynamics, None)
+
+    def layer(j, block, x, y):  # ``block`` is passed so that the checkpoint sees the layer it recomputes
+        x, y, _, _ = walk(stack, streams, x, y, layer=j)
+        return x, y
+
+    for j, block in enumerate(stack.blocks):
+        x, y = stack.checkpoint(layer, j, block, x, y)
+    return x, y
+
+
 def initial_state(y, fy, h):
     """x_0 = y_0 - h f_0(y_0), the residual update inverted to first order (in the stream dtype)."""
     return y - h * fy.to(y.dtype)
@@ -100,7 +163,8 @@ class ReversibleStackFunction(torch.autograd.Function):
     def forward(ctx, x, y, anchor, stack: Stack, store: bool = False, mon: DriftMonitor | None = None):
         streams = make_streams(stack.dynamics, stack.exact_bits)
         dev, dtype = y.device, y.dtype
-        rng_states, sides, kept, states = [], [], [], []
+        rng_states, kept = [], []
+        states = [] if mon is not None and mon.per_layer else None
         # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
         # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
         ctx.autocast = dict(
@@ -109,31 +173,23 @@ class ReversibleStackFunction(torch.autograd.Function):
             dtype=torch.get_autocast_dtype(dev.type),
             cache_enabled=False,
         )
-        X, Y = (None if x is None else streams.encode(x)), streams.encode(y)
-        with torch.autocast(**ctx.autocast):
-            for j, block, part in stack.substeps():
-                if stack.preserve_rng and not store:
+
+        def evaluate(i, j, block, part, yf):
+            if not store:
+                if stack.preserve_rng:
                     rng_states.append(rng.capture(dev))
-                yf = streams.decode(Y, dtype)
-                if store:  # reference: keep this evaluation's graph for the backward
-                    y_in = yf.detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        fy = stack.f(block, part, y_in)
-                    kept.append((y_in, fy))
-                    fy = fy.detach()
-                else:
-                    fy = stack.f(block, part, yf)
-                if X is None:  # fused fixed-point initial state (kept in float for the drift check)
-                    x = initial_state(y, fy, stack.initial_h).detach()
-                    X = streams.encode(x)
-                if mon is not None and mon.per_layer:
-                    states.append(X.clone())  # debug: the state the backward will reconstruct
-                Z, side = streams.step(j, X, Y, fy)
-                sides.append(side)
-                X, Y = Y, Z
+                return stack.f(block, part, yf, j)
+            y_in = yf.detach().requires_grad_(True)  # reference: keep this evaluation's graph for the backward
+            with torch.enable_grad():
+                fy = stack.f(block, part, y_in, j)
+            kept.append((y_in, fy))
+            return fy.detach()
+
+        with torch.autocast(**ctx.autocast):
+            X, Y, sides, x = walk(stack, streams, x, y, evaluate, states)
         streams.check()
         ctx.stack, ctx.streams, ctx.store, ctx.mon = stack, streams, store, mon
-        ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states
+        ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states or []
         ctx.dtype = dtype
         # With a monitor the inputs are kept for the bottom-state drift check (one more stream, or none
         # extra beyond the embedding output when x is y under the default "copy" initial state).
@@ -177,9 +233,9 @@ class ReversibleStackFunction(torch.autograd.Function):
                     with torch.enable_grad():
                         if stack.preserve_rng:
                             with rng.replay(ctx.rng_states[i], y_in.device):
-                                fy = stack.f(block, part, y_in)
+                                fy = stack.f(block, part, y_in, j)
                         else:
-                            fy = stack.f(block, part, y_in)
+                            fy = stack.f(block, part, y_in, j)
                     X = streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
                     if per_layer:
                         ref = ctx.states[i]
