@@ -23,6 +23,15 @@ The engine knows nothing about attention: a block is any module called as
 ``block(y, part=part, **block_kwargs)`` returning f(y) (or the named part of it).
 Parameter gradients are accumulated into ``.grad`` during the backward, as reentrant activation
 checkpointing does; ``torch.autograd.grad`` on parameters therefore does not see them.
+
+Per-layer terms (``Stack.layer_loss``): a loss on the state after each layer (e.g. matching a teacher's
+hidden states at every depth). The forward sums ``layer_loss(j, z_j)`` without a graph and returns the
+sum as a third output; the backward, on reaching layer j, recomputes that term from the state it holds
+and adds its gradient to g_z before stepping through the layer. Nothing more is kept per layer.
+
+Stored layers (``dynamics.stored_layers``): a layer whose rule is the plain residual step (A = 0) cannot
+be reconstructed; its older input stream is kept (one stream per stored substep, counted by
+``save_for_backward``), so memory is O(1) in depth plus that constant.
 """
 from __future__ import annotations
 
@@ -51,6 +60,9 @@ class Stack:
     # Fixed-point initial state x_0 = y_0 - h f_0(y_0), built from the first layer's own evaluation
     # (one f_0 per pass instead of two); run_stack then takes x = None. Only for one-part dynamics.
     initial_h: float | None = None
+    # Per-layer term: layer_loss(j, z) -> 0-d tensor on the newest stream z after layer j (float). When set,
+    # run_stack returns (x_L, y_L, sum_j layer_loss(j, z_j)); gradients of the sum flow through the stack.
+    layer_loss: Any = None
 
     def substeps(self):
         """(layer index, block, part) in forward order."""
@@ -60,6 +72,13 @@ class Stack:
 
     def f(self, block, part, y):
         return block(y, part=part, **self.block_kwargs)
+
+    def ends_layer(self, part) -> bool:
+        """Whether substep ``part`` completes its layer (where a layer_loss term is read)."""
+        return part == self.dynamics.parts[-1]
+
+    def stored(self, j) -> bool:
+        return j in getattr(self.dynamics, "stored_layers", ())
 
 
 def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool):
@@ -73,12 +92,16 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
     if (x is None) != (stack.initial_h is not None):
         raise ValueError("run_stack: pass x=None exactly when stack.initial_h builds the initial state")
     if not memory_free and stack.exact_bits is None:
+        total = None
         for i, (j, block, part) in enumerate(stack.substeps()):
             fy = stack.f(block, part, y)
             if x is None:
                 x = initial_state(y, fy, stack.initial_h)
             x, y = y, stack.dynamics.step(j, x, y, fy)
-        return x, y
+            if stack.layer_loss is not None and stack.ends_layer(part):
+                term = stack.layer_loss(j, y)
+                total = term if total is None else total + term
+        return (x, y) if stack.layer_loss is None else (x, y, total)
     # Function outputs require grad only if an input does: anchor the parameters' gradients when
     # the streams themselves need none (e.g. frozen embeddings under LoRA).
     needs_anchor = not ((x is not None and x.requires_grad) or y.requires_grad) and torch.is_grad_enabled() and any(
@@ -101,6 +124,7 @@ class ReversibleStackFunction(torch.autograd.Function):
         streams = make_streams(stack.dynamics, stack.exact_bits)
         dev, dtype = y.device, y.dtype
         rng_states, sides, kept, states = [], [], [], []
+        kept_x, kept_loss, total = {}, {}, None  # stored layers' inputs; the stored reference's layer terms
         # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
         # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
         ctx.autocast = dict(
@@ -128,23 +152,32 @@ class ReversibleStackFunction(torch.autograd.Function):
                     X = streams.encode(x)
                 if mon is not None and mon.per_layer:
                     states.append(X.clone())  # debug: the state the backward will reconstruct
+                i = len(sides)
+                if stack.stored(j) and not store:
+                    kept_x[i] = X  # a residual step cannot be inverted: keep its older input
                 Z, side = streams.step(j, X, Y, fy)
                 sides.append(side)
+                if stack.layer_loss is not None and stack.ends_layer(part):
+                    term = _layer_term(stack, j, streams.decode(Z, dtype), keep_graph=store)
+                    if store:
+                        kept_loss[i] = term
+                        term = term[1]
+                    total = term.detach() if total is None else total + term.detach()
                 X, Y = Y, Z
         streams.check()
         ctx.stack, ctx.streams, ctx.store, ctx.mon = stack, streams, store, mon
         ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states
         ctx.dtype = dtype
+        ctx.kept_loss, ctx.kept_x_at, ctx.n_inputs = kept_loss, list(kept_x), 2 if mon is not None else 0
         # With a monitor the inputs are kept for the bottom-state drift check (one more stream, or none
         # extra beyond the embedding output when x is y under the default "copy" initial state).
-        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()))
-        if not streams.exact:
-            return X, Y
-        return streams.decode(X, dtype), streams.decode(Y, dtype)
+        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()), *kept_x.values())
+        out = (X, Y) if not streams.exact else (streams.decode(X, dtype), streams.decode(Y, dtype))
+        return out if stack.layer_loss is None else (*out, total)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the reconstruction is not itself differentiated
-    def backward(ctx, g_y, g_z):
+    def backward(ctx, g_y, g_z, g_loss=None):
         stack: Stack = ctx.stack
         dyn, streams = stack.dynamics, ctx.streams
         # The stored reference and the per-layer drift check drop their per-layer state as the backward
@@ -153,7 +186,8 @@ class ReversibleStackFunction(torch.autograd.Function):
             raise RuntimeError("reversible stack: backward through the same forward a second time is not "
                                "supported in stored or per-layer-drift mode (its per-layer state was freed by "
                                "the first backward, even with retain_graph=True); run the forward again")
-        Y, Z, *inputs = ctx.saved_tensors  # held pair (older, newest) [and the stack's inputs]
+        Y, Z, *rest = ctx.saved_tensors  # held pair (older, newest) [, the stack's inputs] [, stored inputs]
+        inputs, kept_x = rest[: ctx.n_inputs], dict(zip(ctx.kept_x_at, rest[ctx.n_inputs :]))
         mon = ctx.mon
         per_layer = mon is not None and mon.per_layer and bool(ctx.states)
         zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
@@ -165,7 +199,10 @@ class ReversibleStackFunction(torch.autograd.Function):
         with torch.autocast(**ctx.autocast):
             for i in range(len(steps) - 1, -1, -1):
                 j, block, part = steps[i]
-                a, b, c = dyn.coefficients(j)
+                a, b, c = dyn.layer_coefficients(j)
+                if stack.layer_loss is not None and g_loss is not None and stack.ends_layer(part):
+                    g_z = g_z + _layer_grad(ctx, stack, i, j, streams.decode(Z, ctx.dtype) if not ctx.store else None,
+                                            g_loss).to(g_z.dtype)
                 if ctx.store:
                     y_in, fy = ctx.kept[i]
                     ctx.kept[i] = None
@@ -180,7 +217,7 @@ class ReversibleStackFunction(torch.autograd.Function):
                                 fy = stack.f(block, part, y_in)
                         else:
                             fy = stack.f(block, part, y_in)
-                    X = streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
+                    X = kept_x.pop(i) if i in kept_x else streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
                     if per_layer:
                         ref = ctx.states[i]
                         rels.append(relative_error(X, ref))
@@ -210,6 +247,26 @@ class ReversibleStackFunction(torch.autograd.Function):
         # g_y, g_z are now the gradients of the input pair (x_0, y_0).
         return (g_y if ctx.needs_input_grad[0] else None,
                 g_z if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+def _layer_term(stack: Stack, j: int, z: torch.Tensor, keep_graph: bool):
+    """layer_loss(j, z): the value (no graph), or (z_in, value with graph) for the stored reference."""
+    if not keep_graph:
+        return stack.layer_loss(j, z)
+    z_in = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return z_in, stack.layer_loss(j, z_in)
+
+
+def _layer_grad(ctx, stack: Stack, i: int, j: int, z, g_loss):
+    """g_loss * d layer_loss(j, z) / dz at substep i: recomputed from the held state (memory-free), or from
+    the graph the stored reference kept."""
+    if ctx.store:
+        z_in, term = ctx.kept_loss.pop(i)
+    else:
+        z_in, term = _layer_term(stack, j, z, keep_graph=True)
+    (g,) = torch.autograd.grad(term, z_in, grad_outputs=g_loss.to(term.dtype))
+    return g
 
 
 def _report(mon: DriftMonitor, streams, rec, inputs, rels, fell_back):

@@ -13,6 +13,7 @@ Shape legend: B batch, T tokens, D width, V vocab.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def _initial_pair(self, p0, stack: Stack):
         """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
         mode = self.config.initial_state
-        a0 = self.dynamics.coefficients(0)[0]
+        a0 = self.dynamics.layer_coefficients(0)[0]
         if mode == "copy" or (not torch.is_tensor(a0) and a0 == 0):
             # A_0 = 0 (euler): the first step never reads the older stream, so do not build it.
             return p0, p0
@@ -115,7 +116,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         evaluation (forward and backward). Not for two-part rules (layer 0 evaluates a part, not f_0),
         under dropout (the two evaluations draw different masks), or outside the engine (KV cache,
         checkpointed stack)."""
-        a0 = self.dynamics.coefficients(0)[0]
+        a0 = self.dynamics.layer_coefficients(0)[0]
         return (self.config.initial_state == "fixed_point" and self.dynamics.parts == ("full",)
                 and not outside_engine and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
 
@@ -131,8 +132,12 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep: int = 0,
         return_dict=None,
+        layer_loss=None,
         **kwargs,
     ):
+        """``layer_loss(j, state) -> 0-d tensor``: an optional term on the newest stream after each layer j
+        (e.g. matching a teacher's hidden states); its sum over layers is ``output.layer_loss`` and its
+        gradient flows through the memory-free backward (see revllm.engine.function)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
@@ -162,13 +167,15 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         preserve_rng = self.training and self.config.dropout > 0
         exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
         stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
-                      DriftMonitor.attach(self, self.config))
+                      DriftMonitor.attach(self, self.config), layer_loss=layer_loss)
         # The reversible backward only pays off when a backward will run; caching would be updated
         # twice by its recomputation, so the cached (inference) path is the plain loop.
         memory_free = self.config.memory_free and torch.is_grad_enabled() and not caching
         if memory_free and self.gradient_checkpointing:
             warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
         checkpointed = not memory_free and self.gradient_checkpointing and torch.is_grad_enabled()
+        if layer_loss is not None and (caching or checkpointed):
+            raise ValueError("layer_loss runs on the training path: not with a KV cache or activation checkpointing")
         if self._fuse_initial_state(caching or checkpointed, preserve_rng):
             stack.initial_h = self.dynamics.h  # the engine builds x_0 from layer 0's own f_0(p_0)
             x0, y0 = None, p0
@@ -189,7 +196,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         elif checkpointed:
             _, yL = self._checkpointed_stack(x0, y0, stack)
         else:
-            _, yL = run_stack(x0, y0, stack, memory_free=memory_free)
+            _, yL, *layer_total = run_stack(x0, y0, stack, memory_free=memory_free)
 
         hidden = self.model.final_norm(yL)
         loss, logits = None, None
@@ -200,7 +207,8 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if labels is None or not torch.is_grad_enabled():
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
+        return RevLLMOutput(loss=loss, logits=logits, layer_loss=layer_total[0] if layer_loss is not None else None,
+                            **{_CACHE_FIELD: past_key_values if use_cache else None})
 
     def _checkpointed_stack(self, x, y, stack: Stack):
         """Stored path with per-layer activation checkpointing (HF's gradient checkpointing).
@@ -219,6 +227,13 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         for j, block in enumerate(stack.blocks):
             x, y = self._gradient_checkpointing_func(layer, j, block, x, y)
         return x, y
+
+
+@dataclass
+class RevLLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus ``layer_loss``: the sum of a forward's per-layer terms (or None)."""
+
+    layer_loss: torch.FloatTensor | None = None
 
 
 # The output field holding the cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before.
