@@ -63,6 +63,13 @@ class Dynamics(nn.Module):
         super().__init__()
         self.num_layers = config.num_hidden_layers
         self.h = float(config.step_size)
+        # Per-layer rule (issue 14): a stored layer takes the plain residual step z = y + f(y) (A=0, B=1,
+        # C=1, the pretrained layer itself); the engine keeps its older input instead of reconstructing it.
+        self.stored_layers = frozenset(getattr(config, "stored_layers", None) or ())
+
+    def layer_coefficients(self, j: int):
+        """(A, B, C) actually used at layer ``j``: the rule's, or the residual step's for a stored layer."""
+        return (0.0, 1.0, 1.0) if j in self.stored_layers else self.coefficients(j)
 
     def coefficients(self, j: int):
         """(A, B, C) of layer ``j``: python floats or 0-d tensors. The one method a rule implements."""
@@ -70,7 +77,7 @@ class Dynamics(nn.Module):
 
     def step(self, j: int, x: torch.Tensor, y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
         """z = A x + B y + C f(y). Streams stay in their own dtype (fp32 under autocast)."""
-        a, b, c = self.coefficients(j)
+        a, b, c = self.layer_coefficients(j)
         z = _scaled(c, fy.to(y.dtype))
         if not _is_zero(a):
             z = z + _scaled(a, x)
@@ -80,9 +87,9 @@ class Dynamics(nn.Module):
 
     def inverse(self, j: int, y: torch.Tensor, z: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
         """x = (z - B y - C f(y)) / A, the exact algebraic inverse of ``step``."""
-        a, b, c = self.coefficients(j)
-        if not self.reversible:
-            raise RuntimeError(f"dynamics '{self.name}' is not reversible")
+        a, b, c = self.layer_coefficients(j)
+        if not self.reversible or j in self.stored_layers:
+            raise RuntimeError(f"dynamics '{self.name}' layer {j} is not reversible (stored layers keep their input)")
         r = z - _scaled(c, fy.to(y.dtype))
         if not _is_zero(b):
             r = r - _scaled(b, y)
@@ -97,6 +104,8 @@ class Dynamics(nn.Module):
             raise ValueError(f"exact_reversal needs a reversible dynamics; '{self.name}' is not")
         growth = 4
         for j in range(self.num_layers):
+            if j in self.stored_layers:  # residual step on held integers: Y + round(f); input kept, not rebuilt
+                continue
             a, b, _ = (float(v) for v in self.coefficients(j))
             d = fxp.dyadic(a)
             if d is None or a == 0:
@@ -120,7 +129,9 @@ class Dynamics(nn.Module):
         """Fixed-point step: Z = floor(m X / 2^k) + round(B Y) + round(C f(y)).
 
         Returns (Z, low) where ``low`` holds the k dropped bits of m X packed (None when k = 0)."""
-        a, b, c = self.coefficients(j)
+        a, b, c = self.layer_coefficients(j)
+        if j in self.stored_layers:  # A = 0: X is not read (the engine keeps it)
+            return self._exact_rest(Y, fy, b, c, bits), None
         m, k = fxp.dyadic(float(a))
         mX = X if m == 1 else X * m
         rest = self._exact_rest(Y, fy, b, c, bits)
@@ -130,6 +141,8 @@ class Dynamics(nn.Module):
 
     def inverse_exact(self, j: int, Y: torch.Tensor, Z: torch.Tensor, fy: torch.Tensor, low, bits: int):
         """Bit-exact inverse of ``step_exact``: m X = ((Z - rest) << k) + low, then X = m X / m."""
+        if j in self.stored_layers:
+            raise RuntimeError(f"dynamics '{self.name}' layer {j} is stored: its input is kept, not reconstructed")
         a, b, c = self.coefficients(j)
         m, k = fxp.dyadic(float(a))
         mX = Z - self._exact_rest(Y, fy, b, c, bits)

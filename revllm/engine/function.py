@@ -27,6 +27,15 @@ The engine knows nothing about attention: a block is any module called as
 ``block(y, part=part, **block_kwargs, **layer_kwargs(j))`` returning f(y) (or the named part of it).
 Parameter gradients are accumulated into ``.grad`` during the backward, as reentrant activation
 checkpointing does; ``torch.autograd.grad`` on parameters therefore does not see them.
+
+Per-layer terms (``Stack.layer_loss``): a loss on the state after each layer (e.g. matching a teacher's
+hidden states at every depth). The forward sums ``layer_loss(j, z_j)`` without a graph and returns the
+sum as a third output; the backward, on reaching layer j, recomputes that term from the state it holds
+and adds its gradient to g_z before stepping through the layer. Nothing more is kept per layer.
+
+Stored layers (``dynamics.stored_layers``): a layer whose rule is the plain residual step (A = 0) cannot
+be reconstructed; its older input stream is kept (one stream per stored substep, counted by
+``save_for_backward``), so memory is O(1) in depth plus that constant.
 """
 from __future__ import annotations
 
@@ -61,6 +70,9 @@ class Stack:
     # Per-layer activation checkpointing of the stored float path: checkpoint(fn, *args) -> fn(*args)
     # (HF's ``_gradient_checkpointing_func``).
     checkpoint: Callable | None = None
+    # Per-layer term: layer_loss(j, z) -> 0-d tensor on the newest stream z after layer j (float). When set,
+    # run_stack returns (x_L, y_L, sum_j layer_loss(j, z_j)); gradients of the sum flow through the stack.
+    layer_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     def substeps(self):
         """(layer index, block, part) in forward order."""
@@ -74,8 +86,16 @@ class Stack:
             return block(y, part=part, **self.block_kwargs)
         return block(y, part=part, **self.block_kwargs, **self.layer_kwargs(j))
 
+    def ends_layer(self, part) -> bool:
+        """Whether substep ``part`` completes its layer (where a layer_loss term is read)."""
+        return part == self.dynamics.parts[-1]
 
-def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None, layer: int | None = None):
+    def stored(self, j) -> bool:
+        return j in self.dynamics.stored_layers
+
+
+def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None, layer: int | None = None,
+         after=None):
     """The layer loop, the one stepping routine of every evaluation path. For each (layer j, part):
 
         fy = evaluate(i, j, block, part, decode(Y));   (X, Y) <- (Y, step(j, X, Y, fy))
@@ -84,8 +104,9 @@ def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None,
     ``x=None`` builds the fixed-point initial state x_0 = y_0 - h f_0(y_0) from the first evaluation.
     ``evaluate`` (default: ``stack.f`` with the layer's kwargs) is how a path evaluates a block (kept
     graph, RNG capture); ``states`` receives the older held stream of each step (the drift reference);
-    ``layer`` restricts the walk to one layer (checkpointing). The substep index i counts from the
-    first layer either way. Returns (X, Y, sides, x0): the final held pair, each step's side data for
+    ``layer`` restricts the walk to one layer (checkpointing); ``after(i, j, part, X, Z)`` sees each step's
+    older input X and new state Z (stored layers' inputs, per-layer terms). The substep index i counts
+    from the first layer either way. Returns (X, Y, sides, x0): the final held pair, each step's side data for
     the inverse, and the float initial state."""
     evaluate = evaluate or (lambda i, j, block, part, yf: stack.f(block, part, yf, j))
     X, Y = (None if x is None else streams.encode(x)), streams.encode(y)
@@ -101,6 +122,8 @@ def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None,
             states.append(X.clone())  # debug: the state the backward will reconstruct
         Z, side = streams.step(j, X, Y, fy)
         sides.append(side)
+        if after is not None:
+            after(i, j, part, X, Z)
         X, Y = Y, Z
     return X, Y, sides, x
 
@@ -121,9 +144,17 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
                          "(not memory_free, not checkpointed)")
     if not memory_free and stack.checkpoint is not None:
         return _checkpointed(x, y, stack)
+    if stack.layer_loss is not None and stack.checkpoint is not None:
+        raise ValueError("run_stack: layer_loss is not supported with per-layer activation checkpointing")
     if not memory_free and stack.exact_bits is None:  # ordinary autograd through the float streams
-        x, y, _, _ = walk(stack, make_streams(stack.dynamics, None), x, y)
-        return x, y
+        terms = []
+
+        def term(i, j, part, X, Z):
+            if stack.layer_loss is not None and stack.ends_layer(part):
+                terms.append(stack.layer_loss(j, Z))
+
+        x, y, _, _ = walk(stack, make_streams(stack.dynamics, None), x, y, after=term)
+        return (x, y) if stack.layer_loss is None else (x, y, _sum(terms, y))
     # Function outputs require grad only if an input does: anchor the parameters' gradients when
     # the streams themselves need none (e.g. frozen embeddings under LoRA).
     needs_anchor = not ((x is not None and x.requires_grad) or y.requires_grad) and torch.is_grad_enabled() and any(
@@ -165,6 +196,7 @@ class ReversibleStackFunction(torch.autograd.Function):
         dev, dtype = y.device, y.dtype
         rng_states, kept = [], []
         states = [] if mon is not None and mon.per_layer else None
+        kept_x, kept_loss, terms = {}, {}, []  # stored layers' inputs; the stored reference's layer terms
         # The autocast weight-cast cache would keep a low-precision copy of every layer's weights
         # alive until the outer autocast exits, so peak memory would grow with depth: disable it.
         ctx.autocast = dict(
@@ -185,22 +217,31 @@ class ReversibleStackFunction(torch.autograd.Function):
             kept.append((y_in, fy))
             return fy.detach()
 
+        def after(i, j, part, X, Z):
+            if stack.stored(j) and not store:
+                kept_x[i] = X  # a residual step cannot be inverted: keep its older input
+            if stack.layer_loss is not None and stack.ends_layer(part):
+                term = _layer_term(stack, j, streams.decode(Z, dtype), keep_graph=store)
+                if store:
+                    kept_loss[i], term = term, term[1]
+                terms.append(term.detach())
+
         with torch.autocast(**ctx.autocast):
-            X, Y, sides, x = walk(stack, streams, x, y, evaluate, states)
+            X, Y, sides, x = walk(stack, streams, x, y, evaluate, states, after=after)
         streams.check()
         ctx.stack, ctx.streams, ctx.store, ctx.mon = stack, streams, store, mon
         ctx.rng_states, ctx.sides, ctx.kept, ctx.states = rng_states, sides, kept, states or []
         ctx.dtype = dtype
+        ctx.kept_loss, ctx.kept_x_at, ctx.n_inputs = kept_loss, list(kept_x), 2 if mon is not None else 0
         # With a monitor the inputs are kept for the bottom-state drift check (one more stream, or none
         # extra beyond the embedding output when x is y under the default "copy" initial state).
-        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()))
-        if not streams.exact:
-            return X, Y
-        return streams.decode(X, dtype), streams.decode(Y, dtype)
+        ctx.save_for_backward(X, Y, *((x, y) if mon is not None else ()), *kept_x.values())
+        out = (X, Y) if not streams.exact else (streams.decode(X, dtype), streams.decode(Y, dtype))
+        return out if stack.layer_loss is None else (*out, _sum(terms, y))
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the reconstruction is not itself differentiated
-    def backward(ctx, g_y, g_z):
+    def backward(ctx, g_y, g_z, g_loss=None):
         stack: Stack = ctx.stack
         dyn, streams = stack.dynamics, ctx.streams
         # The stored reference and the per-layer drift check drop their per-layer state as the backward
@@ -209,7 +250,8 @@ class ReversibleStackFunction(torch.autograd.Function):
             raise RuntimeError("reversible stack: backward through the same forward a second time is not "
                                "supported in stored or per-layer-drift mode (its per-layer state was freed by "
                                "the first backward, even with retain_graph=True); run the forward again")
-        Y, Z, *inputs = ctx.saved_tensors  # held pair (older, newest) [and the stack's inputs]
+        Y, Z, *rest = ctx.saved_tensors  # held pair (older, newest) [, the stack's inputs] [, stored inputs]
+        inputs, kept_x = rest[: ctx.n_inputs], dict(zip(ctx.kept_x_at, rest[ctx.n_inputs :]))
         mon = ctx.mon
         per_layer = mon is not None and mon.per_layer and bool(ctx.states)
         zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
@@ -221,7 +263,10 @@ class ReversibleStackFunction(torch.autograd.Function):
         with torch.autocast(**ctx.autocast):
             for i in range(len(steps) - 1, -1, -1):
                 j, block, part = steps[i]
-                a, b, c = dyn.coefficients(j)
+                a, b, c = dyn.layer_coefficients(j)
+                if stack.layer_loss is not None and g_loss is not None and stack.ends_layer(part):
+                    z = None if ctx.store else streams.decode(Z, ctx.dtype)
+                    g_z = g_z + _layer_grad(ctx, stack, i, j, z, g_loss).to(g_z.dtype)
                 if ctx.store:
                     y_in, fy = ctx.kept[i]
                     ctx.kept[i] = None
@@ -236,7 +281,7 @@ class ReversibleStackFunction(torch.autograd.Function):
                                 fy = stack.f(block, part, y_in, j)
                         else:
                             fy = stack.f(block, part, y_in, j)
-                    X = streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
+                    X = kept_x.pop(i) if i in kept_x else streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
                     if per_layer:
                         ref = ctx.states[i]
                         rels.append(relative_error(X, ref))
@@ -266,6 +311,31 @@ class ReversibleStackFunction(torch.autograd.Function):
         # g_y, g_z are now the gradients of the input pair (x_0, y_0).
         return (g_y if ctx.needs_input_grad[0] else None,
                 g_z if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+def _sum(terms, like):
+    """Sum of the per-layer terms (0 when there are none)."""
+    return torch.stack(terms).sum() if terms else like.new_zeros(())
+
+
+def _layer_term(stack: Stack, j: int, z: torch.Tensor, keep_graph: bool):
+    """layer_loss(j, z): the value (no graph), or (z_in, value with graph) for the stored reference."""
+    if not keep_graph:
+        return stack.layer_loss(j, z)
+    z_in = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return z_in, stack.layer_loss(j, z_in)
+
+
+def _layer_grad(ctx, stack: Stack, i: int, j: int, z, g_loss):
+    """g_loss * d layer_loss(j, z) / dz at substep i: recomputed from the held state (memory-free), or from
+    the graph the stored reference kept."""
+    if ctx.store:
+        z_in, term = ctx.kept_loss.pop(i)
+    else:
+        z_in, term = _layer_term(stack, j, z, keep_graph=True)
+    (g,) = torch.autograd.grad(term, z_in, grad_outputs=g_loss.to(term.dtype))
+    return g
 
 
 def _report(mon: DriftMonitor, streams, rec, inputs, rels, fell_back):

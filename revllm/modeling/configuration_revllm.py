@@ -21,6 +21,9 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
   per-layer errors against a stored forward; warn above the threshold; optionally use the stored states).
 * ``attention_window``: sliding-window attention (a query sees its ``attention_window`` most recent
   positions, itself included); None: full causal attention.
+* ``stored_layers``: layers that take the plain residual step p_{j+1} = p_j + f_j(p_j) instead of the
+  rule, and whose input the memory-free backward keeps instead of reconstructing (one stream each): a
+  per-layer choice of rule for the few layers a conversion cannot make reversible (issue 14).
 * ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: full logits are held only when all
   tokens fit in one chunk (then they are computed directly, as HF does; see ``modeling/loss.py``).
 """
@@ -64,6 +67,8 @@ class RevLLMConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
     use_cache: bool = True
     loss_chunk_size: int = 1024
+
+    stored_layers: list | None = None
 
     midpoint_a: float | list | None = None
     midpoint_a_seed: int = 0
@@ -131,6 +136,7 @@ class RevLLMConfig(PretrainedConfig):
                 f"(use one of {', '.join(sorted(k for k, v in DYNAMICS.items() if v.reversible))}, or memory_free=False)"
             )
         self._check_exact(rule)
+        self._check_stored_layers()
         if self.dynamics == "midpoint_a":
             self._check_midpoint_a()
         super().__post_init__(**kwargs)
@@ -154,6 +160,19 @@ class RevLLMConfig(PretrainedConfig):
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"attention_window={w!r} must be None (full attention) or a positive integer")
         FAMILIES[self.block].check(self)
+
+    def _check_stored_layers(self):
+        s, n = self.stored_layers, self.num_hidden_layers
+        if s is None:
+            return
+        if not isinstance(s, (list, tuple)) or any(not isinstance(v, int) or isinstance(v, bool) for v in s):
+            raise ValueError(f"stored_layers={s!r} must be a list of layer indices")
+        bad = [v for v in s if not 0 <= v < n]
+        if bad:
+            raise ValueError(f"stored_layers names layer {bad[0]}, but the model's layers are 0..{n - 1}")
+        if len(set(s)) != len(s):
+            raise ValueError(f"stored_layers={list(s)} names a layer twice")
+        self.stored_layers = sorted(s) or None
 
     def _check_exact(self, rule):
         b = self.exact_fraction_bits

@@ -14,6 +14,7 @@ Shape legend: B batch, T tokens, D width, V vocab.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def _initial_pair(self, p0, stack: Stack):
         """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
         mode = self.config.initial_state
-        a0 = self.dynamics.coefficients(0)[0]
+        a0 = self.dynamics.layer_coefficients(0)[0]
         if mode == "copy" or (not torch.is_tensor(a0) and a0 == 0):
             # A_0 = 0 (euler): the first step never reads the older stream, so do not build it.
             return p0, p0
@@ -114,7 +115,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         evaluation (forward and backward). Not for two-part rules (layer 0 evaluates a part, not f_0),
         under dropout (the two evaluations draw different masks), or with per-layer checkpointing (the
         checkpointed layer would have to return x_0 as well)."""
-        a0 = self.dynamics.coefficients(0)[0]
+        a0 = self.dynamics.layer_coefficients(0)[0]
         return (self.config.initial_state == "fixed_point" and self.dynamics.parts == ("full",)
                 and not checkpointed and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
 
@@ -130,8 +131,12 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep: int = 0,
         return_dict=None,
+        layer_loss=None,
         **kwargs,
     ):
+        """``layer_loss(j, state) -> 0-d tensor``: an optional term on the newest stream after each layer j
+        (e.g. matching a teacher's hidden states); its sum over layers is ``output.layer_loss`` and its
+        gradient flows through the memory-free backward (see revllm.engine.function)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
@@ -158,7 +163,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         preserve_rng = self.training and self.config.dropout > 0
         exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
         stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
-                      DriftMonitor.attach(self, self.config))
+                      DriftMonitor.attach(self, self.config), layer_loss=layer_loss)
         if caching:  # layer j's attention reads and extends cache slot j
             stack.layer_kwargs = _CacheView(past_key_values).slot
         # The reversible backward only pays off when a backward will run; the cache would be extended
@@ -168,6 +173,8 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
         if not memory_free and not caching and self.gradient_checkpointing and torch.is_grad_enabled():
             stack.checkpoint = self._gradient_checkpointing_func
+        if layer_loss is not None and (caching or stack.checkpoint is not None):
+            raise ValueError("layer_loss runs on the training path: not with a KV cache or activation checkpointing")
         if self._fuse_initial_state(stack.checkpoint is not None, preserve_rng):
             stack.initial_h = self.dynamics.h  # the engine builds x_0 from layer 0's own f_0(p_0)
             x0, y0 = None, p0
@@ -175,7 +182,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             if caching and self.config.initial_state == "fixed_point":
                 _add_fixed_point_slot(past_key_values, self.config.num_hidden_layers)
             x0, y0 = self._initial_pair(p0, stack)
-        _, yL = run_stack(x0, y0, stack, memory_free=memory_free)
+        _, yL, *layer_total = run_stack(x0, y0, stack, memory_free=memory_free)
 
         hidden = self.model.final_norm(yL)
         loss, logits = None, None
@@ -186,7 +193,15 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if labels is None or not torch.is_grad_enabled():
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
+        return RevLLMOutput(loss=loss, logits=logits, layer_loss=layer_total[0] if layer_loss is not None else None,
+                            **{_CACHE_FIELD: past_key_values if use_cache else None})
+
+
+@dataclass
+class RevLLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus ``layer_loss``: the sum of a forward's per-layer terms (or None)."""
+
+    layer_loss: torch.FloatTensor | None = None
 
 
 # The output field holding the cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before.
