@@ -34,18 +34,23 @@ def eager(q, k, v, mask=None, dropout_p=0.0, scale=None):
 ATTENTION = {"sdpa": sdpa, "eager": eager}
 
 
-def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device,
+               window: int | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) causal mask with padded keys removed, or None for plain causal attention.
 
     None only when T == S and nothing is padded: sdpa's ``is_causal`` aligns its triangle to the top
     left, which is wrong for cached decoding (T new queries after S - T cached keys), so T != S always
     gets an explicit bottom-right-aligned mask. A query always sees itself, so fully padded rows (left
-    padding) stay finite instead of NaN.
+    padding) stay finite instead of NaN. ``window``: sliding-window attention, a query at position q
+    sees keys at q - window < s <= q (HF's ``sliding_window``); it only matters once S > window.
     """
     offset = kv_len - q_len
-    if q_len == kv_len and (attention_mask is None or bool(attention_mask.all())):
+    windowed = window is not None and kv_len > window
+    if q_len == kv_len and not windowed and (attention_mask is None or bool(attention_mask.all())):
         return None
     causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)
+    if windowed:
+        causal = causal.triu(offset - window + 1)
     if attention_mask is None:
         return causal[None, None]  # (1, 1, T, S), broadcast over the batch
     keys = attention_mask[:, None, None, :kv_len].to(torch.bool)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import RevLLMError
 from .attention import ATTENTION
+from .spec import FamilySpec, HFSource
 
 
 class GPT2Attention(nn.Module):
@@ -106,6 +108,35 @@ class GPT2Backbone(nn.Module):
             )
         return self.drop(x + self.wpe(position_ids)), {}
 
-    # HF checkpoint key prefix of this backbone, and per-layer module names (for conversion / init).
-    hf_prefix = "transformer."
-    linear_types = (Conv1D,)
+
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
+
+
+def translate(c) -> dict:
+    """RevLLMConfig fields of a GPT2Config; refuses the options the block does not compute."""
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if getattr(c, flag, False):
+            raise RevLLMError(f"GPT-2 option {flag}=True is not supported")
+    if not getattr(c, "scale_attn_weights", True):
+        raise RevLLMError("GPT-2 option scale_attn_weights=False is not supported")
+    if c.activation_function not in ACTIVATIONS:
+        raise RevLLMError(f"GPT-2 activation_function={c.activation_function!r} is not supported")
+    return dict(
+        block="gpt2",
+        hidden_size=c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        intermediate_size=c.n_inner or 4 * c.n_embd,
+        max_position_embeddings=c.n_positions,
+        hidden_act=c.activation_function,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+    )
+
+
+SPEC = FamilySpec(
+    name="gpt2", backbone=GPT2Backbone, block=GPT2Block, embedding="wte", norms=(nn.LayerNorm,),
+    activations=ACTIVATIONS, lora_targets=("c_attn", "attn.c_proj"), lora_fan_in_fan_out=True,
+    grouped_kv=False, free_head_dim=False,
+)
+# Some transformers versions persist GPT-2's causal 'bias' table: a buffer, not a weight.
+HF = HFSource("gpt2", "GPT2LMHeadModel", "gpt2", "transformer.", translate, skip=(".attn.bias", ".attn.masked_bias"))

@@ -1,4 +1,4 @@
-"""Llama family (Llama, SmolLM2, TinyLlama; Qwen2 via ``qkv_bias``): the residual branch f(x), HF names.
+"""Llama family (Llama, SmolLM2, TinyLlama; Qwen2 and Mistral convert into it): the residual branch f(x).
 
     f(x) = a + MLP(post_attention_layernorm(x + a)),   a = Attn(input_layernorm(x))   (eq. 2.5)
 
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import RevLLMError
 from .attention import ATTENTION
+from .spec import FamilySpec, HFSource
 
 
 class LlamaRMSNorm(nn.Module):
@@ -67,6 +69,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    act = staticmethod(F.silu)  # SwiGLU; a gated family with another activation overrides this
+
     def __init__(self, config):
         super().__init__()
         d, m = config.hidden_size, config.intermediate_size
@@ -77,19 +81,21 @@ class LlamaMLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        y = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return F.dropout(y, self.dropout, self.training)
 
 
 class LlamaBlock(nn.Module):
     """Residual branch of one Llama layer. Returns f(x), or its 'attn' / 'mlp' half."""
 
+    norm_cls, mlp_cls = LlamaRMSNorm, LlamaMLP  # a family sharing this layout swaps its own in
+
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.mlp = self.mlp_cls(config)
 
     def forward(self, x, part="full", attention_mask=None, position_embeddings=None, cache=None):
         if part == "attn":
@@ -120,11 +126,13 @@ class LlamaRotaryEmbedding(nn.Module):
 class LlamaBackbone(nn.Module):
     """``embed_tokens``, the ``layers``, the final ``norm``, and the rotary table: HF names."""
 
+    embedding_cls, block_cls, norm_cls = nn.Embedding, LlamaBlock, LlamaRMSNorm
+
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = self.embedding_cls(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(self.block_cls(config) for _ in range(config.num_hidden_layers))
+        self.norm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.embed_drop = nn.Dropout(config.dropout)
 
@@ -139,5 +147,41 @@ class LlamaBackbone(nn.Module):
         cos_sin = self.rotary_emb(position_ids, torch.float32 if x.dtype != torch.float64 else x.dtype)
         return self.embed_drop(x), {"position_embeddings": cos_sin}
 
-    hf_prefix = "model."
-    linear_types = (nn.Linear,)
+
+def rope_theta(c) -> float:
+    """The RoPE base of an HF config; refuses RoPE scaling, which the rotary table does not apply."""
+    rp = getattr(c, "rope_parameters", None) or {}
+    rope_type = rp.get("rope_type", "default")
+    if rope_type != "default":
+        raise RevLLMError(f"rope_type={rope_type!r} (RoPE scaling) is not supported; only plain RoPE is")
+    return float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+
+
+def translate(c, block: str = "llama", activations: tuple[str, ...] = ("silu",)) -> dict:
+    """RevLLMConfig fields of a Llama-layout HF config (also the base of Qwen2, Mistral, Gemma)."""
+    if c.hidden_act not in activations:
+        raise RevLLMError(f"hidden_act={c.hidden_act!r} is not supported for block={block!r} "
+                          f"(the gated MLP implements {', '.join(activations)})")
+    if getattr(c, "mlp_bias", False):
+        raise RevLLMError("mlp_bias=True is not supported")
+    return dict(
+        block=block,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        hidden_act=c.hidden_act,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=rope_theta(c),
+        attention_bias=bool(getattr(c, "attention_bias", False)),
+    )
+
+
+SPEC = FamilySpec(
+    name="llama", backbone=LlamaBackbone, block=LlamaBlock, embedding="embed_tokens", norms=(LlamaRMSNorm,),
+    activations=("silu",), lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+HF = HFSource("llama", "LlamaForCausalLM", "llama", "model.", translate, skip=("rotary_emb.inv_freq",))

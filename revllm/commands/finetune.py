@@ -69,13 +69,13 @@ def apply_training_defaults(args) -> None:
                 setattr(args, k, v)
 
 
-def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> dict:
+def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool, loss_fn=None) -> dict:
+    """``loss_fn`` overrides the distillation loss built from the flags (the O(1) recipe passes its own)."""
     from ..convert.distill import AnnealA, DistillLoss
     from ..convert.finetune import finetune
     from ..dynamics.fixedpoint import dyadic
 
-    loss_fn = None
-    if distill:
+    if distill and loss_fn is None:
         if teacher is None:
             raise ValueError("distillation needs a teacher: pass --teacher ORIGINAL (or use --sft)")
         loss_fn = DistillLoss(teacher, args.temperature, args.ce_weight, args.hidden_weight)

@@ -96,6 +96,10 @@ class DistillLoss:
         with torch.no_grad():
             _, t_hidden = _run_with_final_hidden(self.teacher, ids, logits_to_keep=1)
         _, s_hidden = _run_with_final_hidden(model, ids, logits_to_keep=1)
+        return self._terms(model, ids, s_hidden, t_hidden)
+
+    def _terms(self, model, ids, s_hidden, t_hidden):
+        """(loss, metrics) from the two final hidden states: chunked KL (+ CE, + final-hidden MSE)."""
         head = _unwrap(model).get_output_embeddings()
         t_head = _unwrap(self.teacher).get_output_embeddings()
         B, T, D = s_hidden.shape

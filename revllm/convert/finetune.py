@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..blocks import family_of
 from ..errors import RevLLMError
 from .from_hf import save_model_atomic
 
 
 def add_lora(model, r: int = 8, alpha: int | None = None, dropout: float = 0.0, target_modules=None):
-    """Wrap ``model`` with peft LoRA adapters on the attention projections (GPT-2: c_attn, attn.c_proj)."""
+    """Wrap ``model`` with peft LoRA adapters on its family's ``lora_targets`` (the attention projections)."""
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
         raise ValueError(f"LoRA rank r={r} must be >= 1")
-    gpt2 = getattr(model.config, "block", getattr(model.config, "model_type", "")) == "gpt2"
+    spec = family_of(model.config)
     if target_modules is None:
-        target_modules = ["c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        target_modules = list(spec.lora_targets)
     cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=target_modules,
-                     fan_in_fan_out=gpt2, task_type="CAUSAL_LM")  # GPT-2's Conv1D stores (in, out)
+                     fan_in_fan_out=spec.lora_fan_in_fan_out, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 

@@ -1,7 +1,8 @@
-"""Convert a pretrained Hugging Face causal LM (GPT-2, Llama, Qwen2) into a ``RevLLMForCausalLM``.
+"""Convert a pretrained Hugging Face causal LM (GPT-2, Llama, Qwen2, Mistral, Gemma) into a ``RevLLMForCausalLM``.
 
-Conversion is a config translation plus a key-for-key weight copy (the blocks use HF parameter names;
-only GPT-2's backbone prefix ``transformer.`` becomes ``model.``). What changes is the update rule
+Conversion is a config translation plus a key-for-key weight copy, both given by the architecture's
+``HFSource`` in ``revllm.blocks`` (the blocks use HF parameter names; the backbone prefix, e.g. GPT-2's
+``transformer.``, becomes ``model.``). What changes is the update rule
 between layers:
 
 * ``euler``: p_{j+1} = p_j + f_j(p_j), the original network; reproduces its logits up to rounding.
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..blocks import HF_SOURCES
 from ..errors import RevLLMError
 from ..modeling import RevLLMConfig, RevLLMForCausalLM
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED = {mt: source.hf_class for mt, source in HF_SOURCES.items()}  # model_type -> HF class
 RETROFIT = ("midpoint", "leapfrog", "hamiltonian")
 
 
@@ -75,17 +77,11 @@ def load_source_tokenizer(src):
         return None
 
 
-def _rope_theta(c) -> float:
-    rp = getattr(c, "rope_parameters", None) or {}
-    rope_type = rp.get("rope_type", "default")
-    if rope_type != "default":
-        raise RevLLMError(f"rope_type={rope_type!r} (RoPE scaling) is not supported; only plain RoPE is")
-    return float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
-
-
 def translate_config(c, **fields) -> RevLLMConfig:
-    """RevLLMConfig for an HF config of a supported type; refuses features the blocks do not have."""
-    mt = c.model_type
+    """RevLLMConfig for an HF config of a supported type; its family's source refuses what the blocks lack."""
+    source = HF_SOURCES.get(c.model_type)
+    if source is None:
+        raise RevLLMError(f"unsupported architecture {c.model_type!r}; supported: {_supported_list()}")
     common = dict(
         vocab_size=c.vocab_size,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
@@ -95,48 +91,7 @@ def translate_config(c, **fields) -> RevLLMConfig:
         eos_token_id=c.eos_token_id,
         dropout=0.0,  # fine-tuning a converted model keeps the pretrained model's eval-mode function
     )
-    if mt == "gpt2":
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-            if getattr(c, flag, False):
-                raise RevLLMError(f"GPT-2 option {flag}=True is not supported")
-        if not getattr(c, "scale_attn_weights", True):
-            raise RevLLMError("GPT-2 option scale_attn_weights=False is not supported")
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise RevLLMError(f"GPT-2 activation_function={c.activation_function!r} is not supported")
-        arch = dict(
-            block="gpt2",
-            hidden_size=c.n_embd,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            intermediate_size=c.n_inner or 4 * c.n_embd,
-            max_position_embeddings=c.n_positions,
-            hidden_act=c.activation_function,
-            layer_norm_epsilon=c.layer_norm_epsilon,
-        )
-    elif mt in ("llama", "qwen2"):
-        if c.hidden_act != "silu":
-            raise RevLLMError(f"hidden_act={c.hidden_act!r} is not supported (SwiGLU with silu only)")
-        if getattr(c, "mlp_bias", False):
-            raise RevLLMError("mlp_bias=True is not supported")
-        if getattr(c, "use_sliding_window", False):
-            raise RevLLMError("use_sliding_window=True (sliding-window attention) is not supported")
-        arch = dict(
-            block="llama",
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
-            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=c.max_position_embeddings,
-            rms_norm_eps=c.rms_norm_eps,
-            rope_theta=_rope_theta(c),
-            attention_bias=bool(getattr(c, "attention_bias", False)),
-            qkv_bias=mt == "qwen2",  # Qwen2: biases on q, k, v only
-        )
-    else:
-        raise RevLLMError(f"unsupported architecture {mt!r}; supported: {_supported_list()}")
-    return RevLLMConfig(**common, **arch, **fields)
+    return RevLLMConfig(**common, **source.translate(c), **fields)
 
 
 def dynamics_fields(dynamics: str, k: int, step_size, initial_state: str, **options) -> dict:
@@ -156,15 +111,9 @@ def dynamics_fields(dynamics: str, k: int, step_size, initial_state: str, **opti
 
 
 def _hf_state_dict(src) -> dict:
-    sd = src.state_dict()
-    prefix = "transformer." if src.config.model_type == "gpt2" else "model."
-    out = {}
-    for key, t in sd.items():
-        # Non-weight buffers that some transformers versions persist (GPT-2's causal 'bias' table).
-        if key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
-            continue
-        out[("model." + key[len(prefix):]) if key.startswith(prefix) else key] = t
-    return out
+    """The source's weights under revllm's keys (its family's prefix becomes ``model.``)."""
+    source = HF_SOURCES[src.config.model_type]
+    return {source.map_key(key): t for key, t in src.state_dict().items() if not key.endswith(source.skip)}
 
 
 @torch.no_grad()
@@ -173,8 +122,8 @@ def convert(model_or_path, dynamics: str = "midpoint_a", k: int = 4, step_size: 
     """Build a reversible model from a pretrained HF causal LM, copying every weight.
 
     Args:
-        model_or_path: a GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM, an HF model directory,
-            or a .gguf file.
+        model_or_path: an HF causal LM of a supported architecture (``SUPPORTED``), an HF model
+            directory, or a .gguf file.
         dynamics: update rule between layers (default ``midpoint_a``, near-Euler with a = 2^-k).
         k: midpoint_a's coefficient exponent, a = 2^-k.
         step_size: h; default 1.0, the residual network's step.

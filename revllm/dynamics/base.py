@@ -11,6 +11,13 @@ backward pass still holds, evaluating ``f_j`` only at ``y``. A rule is reversibl
 A layer may apply the rule more than once with different parts of the block (``parts``): the
 Hamiltonian rule (eqs. 2.8-2.9) is two such half-steps, one with the attention branch and one with
 the MLP branch. The engine only ever sees ``parts``, ``coefficients``, ``step`` and ``inverse``.
+
+One way to define a rule: a subclass sets ``name``/``reversible``/``parts`` and implements
+``coefficients(j)``, nothing else. ``step``, ``inverse`` and their fixed-point variants
+(``step_exact``, ``inverse_exact``) are derived here from the coefficients and are final: the
+memory-free backward never calls ``step``, it back-propagates with the coefficients themselves
+(g_x = A g_z, g_y += B g_z + C J^T g_z), so a rule whose ``step`` computed anything else would train
+with silently wrong gradients. ``__init_subclass__`` refuses such a subclass when it is defined.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ def register(cls: type["Dynamics"]) -> type["Dynamics"]:
 
 
 class Dynamics(nn.Module):
-    """Base class. Subclasses set ``name``/``reversible``/``parts`` and implement ``coefficients``.
+    """Base class. Subclasses set ``name``/``reversible``/``parts`` and implement ``coefficients`` only.
 
     It is an ``nn.Module`` so that per-layer coefficients (midpoint_a's ``a``) are persistent buffers
     saved with the weights.
@@ -37,21 +44,40 @@ class Dynamics(nn.Module):
 
     name: str = ""
     reversible: bool = True
+    # Derived from ``coefficients`` and used together with them by the engine: not to be overridden.
+    FINAL = ("step", "inverse", "step_exact", "inverse_exact", "_exact_rest")
     parts: tuple[str, ...] = ("full",)  # block parts evaluated in order, one half-step each
     default_step_size: float = 1.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [m for m in Dynamics.FINAL if m in vars(cls)]
+        if overridden:
+            raise TypeError(
+                f"dynamics {cls.__name__} overrides {', '.join(overridden)}: a rule defines only coefficients(j) "
+                f"(and parts); step/inverse are derived from the coefficients because the memory-free backward "
+                f"uses them directly, so an overridden step would train with wrong gradients"
+            )
 
     def __init__(self, config):
         super().__init__()
         self.num_layers = config.num_hidden_layers
         self.h = float(config.step_size)
+        # Per-layer rule (issue 14): a stored layer takes the plain residual step z = y + f(y) (A=0, B=1,
+        # C=1, the pretrained layer itself); the engine keeps its older input instead of reconstructing it.
+        self.stored_layers = frozenset(getattr(config, "stored_layers", None) or ())
+
+    def layer_coefficients(self, j: int):
+        """(A, B, C) actually used at layer ``j``: the rule's, or the residual step's for a stored layer."""
+        return (0.0, 1.0, 1.0) if j in self.stored_layers else self.coefficients(j)
 
     def coefficients(self, j: int):
-        """(A, B, C) of layer ``j``: python floats or 0-d tensors."""
+        """(A, B, C) of layer ``j``: python floats or 0-d tensors. The one method a rule implements."""
         raise NotImplementedError
 
     def step(self, j: int, x: torch.Tensor, y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
         """z = A x + B y + C f(y). Streams stay in their own dtype (fp32 under autocast)."""
-        a, b, c = self.coefficients(j)
+        a, b, c = self.layer_coefficients(j)
         z = _scaled(c, fy.to(y.dtype))
         if not _is_zero(a):
             z = z + _scaled(a, x)
@@ -61,9 +87,9 @@ class Dynamics(nn.Module):
 
     def inverse(self, j: int, y: torch.Tensor, z: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
         """x = (z - B y - C f(y)) / A, the exact algebraic inverse of ``step``."""
-        a, b, c = self.coefficients(j)
-        if not self.reversible:
-            raise RuntimeError(f"dynamics '{self.name}' is not reversible")
+        a, b, c = self.layer_coefficients(j)
+        if not self.reversible or j in self.stored_layers:
+            raise RuntimeError(f"dynamics '{self.name}' layer {j} is not reversible (stored layers keep their input)")
         r = z - _scaled(c, fy.to(y.dtype))
         if not _is_zero(b):
             r = r - _scaled(b, y)
@@ -78,6 +104,8 @@ class Dynamics(nn.Module):
             raise ValueError(f"exact_reversal needs a reversible dynamics; '{self.name}' is not")
         growth = 4
         for j in range(self.num_layers):
+            if j in self.stored_layers:  # residual step on held integers: Y + round(f); input kept, not rebuilt
+                continue
             a, b, _ = (float(v) for v in self.coefficients(j))
             d = fxp.dyadic(a)
             if d is None or a == 0:
@@ -101,7 +129,9 @@ class Dynamics(nn.Module):
         """Fixed-point step: Z = floor(m X / 2^k) + round(B Y) + round(C f(y)).
 
         Returns (Z, low) where ``low`` holds the k dropped bits of m X packed (None when k = 0)."""
-        a, b, c = self.coefficients(j)
+        a, b, c = self.layer_coefficients(j)
+        if j in self.stored_layers:  # A = 0: X is not read (the engine keeps it)
+            return self._exact_rest(Y, fy, b, c, bits), None
         m, k = fxp.dyadic(float(a))
         mX = X if m == 1 else X * m
         rest = self._exact_rest(Y, fy, b, c, bits)
@@ -111,6 +141,8 @@ class Dynamics(nn.Module):
 
     def inverse_exact(self, j: int, Y: torch.Tensor, Z: torch.Tensor, fy: torch.Tensor, low, bits: int):
         """Bit-exact inverse of ``step_exact``: m X = ((Z - rest) << k) + low, then X = m X / m."""
+        if j in self.stored_layers:
+            raise RuntimeError(f"dynamics '{self.name}' layer {j} is stored: its input is kept, not reconstructed")
         a, b, c = self.coefficients(j)
         m, k = fxp.dyadic(float(a))
         mX = Z - self._exact_rest(Y, fy, b, c, bits)

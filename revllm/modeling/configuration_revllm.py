@@ -2,8 +2,10 @@
 
 Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). The reversible fields:
 
-* ``block``: residual-branch family, ``"gpt2"`` (LayerNorm, learned positions, GELU, biases) or
-  ``"llama"`` (RMSNorm, RoPE, SwiGLU, GQA; ``qkv_bias`` covers Qwen2).
+* ``block``: residual-branch family, a key of ``revllm.blocks.FAMILIES``: ``"gpt2"`` (LayerNorm, learned
+  positions, GELU, biases), ``"llama"`` (RMSNorm, RoPE, SwiGLU, GQA; ``qkv_bias`` covers Qwen2,
+  ``attention_window`` Mistral) or ``"gemma"`` (Llama's layout with GeGLU, (1 + w) RMSNorm, sqrt(D)
+  embedding scale). What each family accepts is its ``FamilySpec``.
 * ``dynamics``: ``euler`` | ``midpoint`` | ``leapfrog`` | ``midpoint_a`` | ``hamiltonian``.
 * ``step_size``: h; ``None`` picks the rule's default (midpoint 0.5 so that 2h = 1, others 1.0).
 * ``initial_state``: the second initial stream, which the paper leaves open.
@@ -17,6 +19,11 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
   dyadic a_j = m/2^k; ``midpoint_a_dyadic_bits`` rounds the random draw to such a grid).
 * ``drift_monitor`` / ``drift_threshold`` / ``drift_fallback``: reconstruction-drift diagnostics (debug
   per-layer errors against a stored forward; warn above the threshold; optionally use the stored states).
+* ``attention_window``: sliding-window attention (a query sees its ``attention_window`` most recent
+  positions, itself included); None: full causal attention.
+* ``stored_layers``: layers that take the plain residual step p_{j+1} = p_j + f_j(p_j) instead of the
+  rule, and whose input the memory-free backward keeps instead of reconstructing (one stream each): a
+  per-layer choice of rule for the few layers a conversion cannot make reversible (issue 14).
 * ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: full logits are held only when all
   tokens fit in one chunk (then they are computed directly, as HF does; see ``modeling/loss.py``).
 """
@@ -26,7 +33,7 @@ import math
 
 from transformers import PretrainedConfig
 
-BLOCKS = ("gpt2", "llama")
+from ..blocks import FAMILIES
 INITIAL_STATES = ("copy", "zero", "fixed_point")
 
 
@@ -54,11 +61,14 @@ class RevLLMConfig(PretrainedConfig):
     rope_theta: float = 10000.0
     attention_bias: bool = False
     qkv_bias: bool = False
+    attention_window: int | None = None
     dropout: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     use_cache: bool = True
     loss_chunk_size: int = 1024
+
+    stored_layers: list | None = None
 
     midpoint_a: float | list | None = None
     midpoint_a_seed: int = 0
@@ -84,8 +94,8 @@ class RevLLMConfig(PretrainedConfig):
 
         if self.dynamics not in DYNAMICS:
             raise ValueError(f"dynamics={self.dynamics!r} is unknown; allowed: {', '.join(sorted(DYNAMICS))}")
-        if self.block not in BLOCKS:
-            raise ValueError(f"block={self.block!r} is unknown; allowed: {', '.join(BLOCKS)}")
+        if self.block not in FAMILIES:
+            raise ValueError(f"block={self.block!r} is unknown; allowed: {', '.join(FAMILIES)}")
         if self.initial_state not in INITIAL_STATES:
             raise ValueError(f"initial_state={self.initial_state!r} is unknown; allowed: {', '.join(INITIAL_STATES)}")
         rule = DYNAMICS[self.dynamics]
@@ -107,14 +117,12 @@ class RevLLMConfig(PretrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.block == "gpt2" and self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError("num_key_value_heads must equal num_attention_heads for block='gpt2'")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.hidden_act is None:
-            self.hidden_act = "gelu_new" if self.block == "gpt2" else "silu"
+            self.hidden_act = FAMILIES[self.block].activations[0]
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         self._check_fields()
@@ -128,6 +136,7 @@ class RevLLMConfig(PretrainedConfig):
                 f"(use one of {', '.join(sorted(k for k, v in DYNAMICS.items() if v.reversible))}, or memory_free=False)"
             )
         self._check_exact(rule)
+        self._check_stored_layers()
         if self.dynamics == "midpoint_a":
             self._check_midpoint_a()
         super().__post_init__(**kwargs)
@@ -147,12 +156,23 @@ class RevLLMConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.memory_free is not None and not isinstance(self.memory_free, bool):
             raise ValueError(f"memory_free={self.memory_free!r} must be true, false or null (the rule's default)")
-        acts = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu"), "llama": ("silu",)}[self.block]
-        if self.hidden_act not in acts:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented for block={self.block!r}; "
-                             f"allowed: {', '.join(acts)}")
-        if self.block == "gpt2" and self.head_dim != self.hidden_size // self.num_attention_heads:
-            raise ValueError(f"head_dim={self.head_dim} must be hidden_size / num_attention_heads for block='gpt2'")
+        w = self.attention_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise ValueError(f"attention_window={w!r} must be None (full attention) or a positive integer")
+        FAMILIES[self.block].check(self)
+
+    def _check_stored_layers(self):
+        s, n = self.stored_layers, self.num_hidden_layers
+        if s is None:
+            return
+        if not isinstance(s, (list, tuple)) or any(not isinstance(v, int) or isinstance(v, bool) for v in s):
+            raise ValueError(f"stored_layers={s!r} must be a list of layer indices")
+        bad = [v for v in s if not 0 <= v < n]
+        if bad:
+            raise ValueError(f"stored_layers names layer {bad[0]}, but the model's layers are 0..{n - 1}")
+        if len(set(s)) != len(s):
+            raise ValueError(f"stored_layers={list(s)} names a layer twice")
+        self.stored_layers = sorted(s) or None
 
     def _check_exact(self, rule):
         b = self.exact_fraction_bits

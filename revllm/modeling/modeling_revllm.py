@@ -5,27 +5,32 @@ Composition (style: the engine is applied to the model, not woven into it):
   * ``dynamics``: the update rule between layers (and midpoint_a's coefficient buffer);
   * ``lm_head``: tied to the token embedding unless ``tie_word_embeddings=False``.
 
-Training path: one call to the reversible engine over the whole stack (``memory_free``), or the same
-arithmetic under ordinary autograd. Inference with a KV cache runs the plain loop: reversibility is only
-needed for the backward.
+Every path is one call to the engine's ``run_stack``, which owns the layer loop: the reversible backward
+(``memory_free``), the same arithmetic under ordinary autograd, per-layer activation checkpointing
+(``Stack.checkpoint``), and inference with a KV cache (``Stack.layer_kwargs`` gives each layer its cache
+slot; it takes the stored path, since reversibility is only needed for the backward).
 Shape legend: B batch, T tokens, D width, V vocab.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..blocks import BACKBONES
+from ..blocks import FAMILIES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
 from ..engine import DriftMonitor, Stack, run_stack
-from ..engine.streams import make_streams
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
+
+
+# One regex for all families' tied embeddings: only the family's own one exists in a given model.
+_EMBEDDINGS = "|".join(sorted({spec.embedding for spec in FAMILIES.values()}))
 
 
 class RevLLMPreTrainedModel(PreTrainedModel):
@@ -33,19 +38,20 @@ class RevLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["GPT2Block", "LlamaBlock"]
-    # One regex for both families: only the family's own embedding exists in a given model.
-    _tied_weights_keys = {"lm_head.weight": r"model\.(embed_tokens|wte)\.weight"}
+    _no_split_modules = sorted({spec.block.__name__ for spec in FAMILIES.values()})
+    _tied_weights_keys = {"lm_head.weight": rf"model\.({_EMBEDDINGS})\.weight"}
 
     def _init_weights(self, module):
         """Init table: Linear/Conv1D weights N(0, initializer_range), biases 0; embeddings
-        N(0, initializer_range); norms weight 1, bias 0; each branch's output projection (c_proj,
-        o_proj, down_proj) N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into
-        the streams; midpoint_a's ``a`` keeps its configured/seeded draw."""
+        N(0, initializer_range); the family's norms weight ``norm_weight`` (1, or 0 where a norm
+        applies 1 + w), bias 0; each branch's output projection (c_proj, o_proj, down_proj)
+        N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into the streams;
+        midpoint_a's ``a`` keeps its configured/seeded draw."""
         from transformers import initialization as init
         from transformers.pytorch_utils import Conv1D
 
         std = self.config.initializer_range
+        spec = FAMILIES[self.config.block]
         if isinstance(module, (nn.Linear, Conv1D)):
             # The blocks mark their residual output projections: transformers initializes leaf modules
             # directly, so the scaling must be decided here, not in a parent's branch.
@@ -55,8 +61,8 @@ class RevLLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__:
-            init.ones_(module.weight)
+        elif isinstance(module, spec.norms):
+            init.constant_(module.weight, spec.norm_weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif type(module).__name__ == "MidpointA":
@@ -69,20 +75,17 @@ class RevLLMPreTrainedModel(PreTrainedModel):
 class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: RevLLMConfig):
         super().__init__(config)
-        self.model = BACKBONES[config.block](config)
+        self.model = FAMILIES[config.block].backbone(config)
         self.dynamics = build_dynamics(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # per-layer checkpointing of the stored path (baseline (b))
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return getattr(self.model, FAMILIES[self.config.block].embedding)
 
     def set_input_embeddings(self, value):
-        if self.config.block == "gpt2":
-            self.model.wte = value
-        else:
-            self.model.embed_tokens = value
+        setattr(self.model, FAMILIES[self.config.block].embedding, value)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -94,30 +97,27 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
     def _initial_pair(self, p0, stack: Stack):
         """The two initial streams (older, newer). See RevLLMConfig.initial_state."""
         mode = self.config.initial_state
-        a0 = self.dynamics.coefficients(0)[0]
+        a0 = self.dynamics.layer_coefficients(0)[0]
         if mode == "copy" or (not torch.is_tensor(a0) and a0 == 0):
             # A_0 = 0 (euler): the first step never reads the older stream, so do not build it.
             return p0, p0
         if mode == "zero":
             return torch.zeros_like(p0), p0
         # "fixed_point": p_{-1} = p_0 - h f_0(p_0), the residual update inverted to first order.
-        # Evaluated under ordinary autograd (one layer's activations), with its own cache slot.
-        kw = dict(stack.block_kwargs)
-        if kw.get("cache") is not None:
-            kw["cache"] = kw["cache"].at(self.config.num_hidden_layers)
-        f0 = self.model.layers[0](p0, part="full", **{k: v for k, v in kw.items() if k != "cache"}, cache=kw.get("cache"))
+        # Evaluated under ordinary autograd (one layer's activations), with its own cache slot (index L).
+        f0 = stack.f(self.model.layers[0], "full", p0, self.config.num_hidden_layers)
         return p0 - self.dynamics.h * f0.to(p0.dtype), p0
 
-    def _fuse_initial_state(self, outside_engine: bool, preserve_rng: bool) -> bool:
+    def _fuse_initial_state(self, checkpointed: bool, preserve_rng: bool) -> bool:
         """Whether the engine builds the fixed-point initial state from layer 0's own evaluation.
 
         p_{-1} = p_0 - h f_0(p_0) and layer 0's step both evaluate f_0 at p_0: the engine reuses the one
         evaluation (forward and backward). Not for two-part rules (layer 0 evaluates a part, not f_0),
-        under dropout (the two evaluations draw different masks), or outside the engine (KV cache,
-        checkpointed stack)."""
-        a0 = self.dynamics.coefficients(0)[0]
+        under dropout (the two evaluations draw different masks), or with per-layer checkpointing (the
+        checkpointed layer would have to return x_0 as well)."""
+        a0 = self.dynamics.layer_coefficients(0)[0]
         return (self.config.initial_state == "fixed_point" and self.dynamics.parts == ("full",)
-                and not outside_engine and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
+                and not checkpointed and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
 
     def forward(
         self,
@@ -131,8 +131,12 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep: int = 0,
         return_dict=None,
+        layer_loss=None,
         **kwargs,
     ):
+        """``layer_loss(j, state) -> 0-d tensor``: an optional term on the newest stream after each layer j
+        (e.g. matching a teacher's hidden states); its sum over layers is ``output.layer_loss`` and its
+        gradient flows through the memory-free backward (see revllm.engine.function)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
@@ -146,8 +150,6 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             # A static cache pads keys to its full length, which the blocks' masks do not cover.
             raise ValueError(f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
                              f"got {type(past_key_values).__name__}")
-        if past_key_values is not None and self.config.initial_state == "fixed_point":
-            _add_fixed_point_slot(past_key_values, self.config.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
@@ -155,41 +157,32 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, need {past + T}")
 
         p0, block_kwargs = self.model.embed(input_ids, position_ids, inputs_embeds)
-        block_kwargs["attention_mask"] = build_mask(attention_mask, T, past + T, device)
+        window = self.config.attention_window
+        block_kwargs["attention_mask"] = build_mask(attention_mask, T, past + T, device, window)
         caching = past_key_values is not None
-        if caching:
-            block_kwargs["cache"] = _CacheView(past_key_values)
         preserve_rng = self.training and self.config.dropout > 0
         exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
         stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
-                      DriftMonitor.attach(self, self.config))
-        # The reversible backward only pays off when a backward will run; caching would be updated
-        # twice by its recomputation, so the cached (inference) path is the plain loop.
+                      DriftMonitor.attach(self, self.config), layer_loss=layer_loss)
+        if caching:  # layer j's attention reads and extends cache slot j
+            stack.layer_kwargs = _CacheView(past_key_values).slot
+        # The reversible backward only pays off when a backward will run; the cache would be extended
+        # twice by its recomputation, so a cached (inference) forward takes the stored path.
         memory_free = self.config.memory_free and torch.is_grad_enabled() and not caching
         if memory_free and self.gradient_checkpointing:
             warnings.warn("activation checkpointing is ignored: memory_free already stores no activations")
-        checkpointed = not memory_free and self.gradient_checkpointing and torch.is_grad_enabled()
-        if self._fuse_initial_state(caching or checkpointed, preserve_rng):
+        if not memory_free and not caching and self.gradient_checkpointing and torch.is_grad_enabled():
+            stack.checkpoint = self._gradient_checkpointing_func
+        if layer_loss is not None and (caching or stack.checkpoint is not None):
+            raise ValueError("layer_loss runs on the training path: not with a KV cache or activation checkpointing")
+        if self._fuse_initial_state(stack.checkpoint is not None, preserve_rng):
             stack.initial_h = self.dynamics.h  # the engine builds x_0 from layer 0's own f_0(p_0)
             x0, y0 = None, p0
         else:
+            if caching and self.config.initial_state == "fixed_point":
+                _add_fixed_point_slot(past_key_values, self.config.num_hidden_layers)
             x0, y0 = self._initial_pair(p0, stack)
-        if caching:
-            # The plain loop, on the same streams as the engine (int64 fixed point in exact mode), so a
-            # cached forward follows the very trajectory of the uncached one.
-            stack.block_kwargs = dict(block_kwargs)
-            streams = make_streams(self.dynamics, exact_bits)
-            X, Y = streams.encode(x0), streams.encode(y0)
-            for j, block in enumerate(stack.blocks):
-                stack.block_kwargs["cache"] = block_kwargs["cache"].at(j)
-                for part in self.dynamics.parts:
-                    X, Y = Y, streams.step(j, X, Y, stack.f(block, part, streams.decode(Y, y0.dtype)))[0]
-            streams.check()
-            yL = streams.decode(Y, y0.dtype)
-        elif checkpointed:
-            _, yL = self._checkpointed_stack(x0, y0, stack)
-        else:
-            _, yL = run_stack(x0, y0, stack, memory_free=memory_free)
+        _, yL, *layer_total = run_stack(x0, y0, stack, memory_free=memory_free)
 
         hidden = self.model.final_norm(yL)
         loss, logits = None, None
@@ -200,25 +193,15 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if labels is None or not torch.is_grad_enabled():
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
+        return RevLLMOutput(loss=loss, logits=logits, layer_loss=layer_total[0] if layer_loss is not None else None,
+                            **{_CACHE_FIELD: past_key_values if use_cache else None})
 
-    def _checkpointed_stack(self, x, y, stack: Stack):
-        """Stored path with per-layer activation checkpointing (HF's gradient checkpointing).
 
-        It runs float streams: autograd cannot carry gradients through int64 fixed point, so in exact
-        mode this is the float trajectory (rounding-level different from the exact one)."""
-        if stack.exact_bits is not None:
-            warnings.warn("activation checkpointing runs float streams; exact_reversal's fixed-point "
-                          "trajectory is kept by memory_free=True or by the stored path without checkpointing")
+@dataclass
+class RevLLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus ``layer_loss``: the sum of a forward's per-layer terms (or None)."""
 
-        def layer(j, block, x, y):
-            for part in self.dynamics.parts:
-                x, y = y, self.dynamics.step(j, x, y, stack.f(block, part, y))
-            return x, y
-
-        for j, block in enumerate(stack.blocks):
-            x, y = self._gradient_checkpointing_func(layer, j, block, x, y)
-        return x, y
+    layer_loss: torch.FloatTensor | None = None
 
 
 # The output field holding the cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before.
@@ -245,6 +228,10 @@ class _CacheView:
 
     def at(self, idx: int) -> "_CacheView":
         return _CacheView(self.cache, idx)
+
+    def slot(self, idx: int) -> dict:
+        """The engine's per-layer kwargs (``Stack.layer_kwargs``): layer ``idx``'s cache view."""
+        return {"cache": self.at(idx)}
 
     def update(self, k, v):
         return self.cache.update(k, v, self.idx)

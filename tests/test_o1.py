@@ -1,0 +1,160 @@
+"""Issue 14: the O(1)-memory conversion recipe (calibration, per-layer distillation, CLI, resume, bad input)."""
+import json
+
+import pytest
+import torch
+
+from hf_tiny import tiny_hf
+from revllm.convert import convert
+from revllm.convert.o1 import (O1DistillLoss, auto_hard_layers, calibrate, check_tokens_match, parse_hard_layers,
+                               recipe_state)
+from revllm.errors import RevLLMError
+from test_convert import _token_dir
+
+
+def _ids(B=2, T=16, seed=1):
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_teacher_states_align_with_the_students_layers():
+    """A student equal to the teacher (euler) has zero per-layer error at every layer: the teacher state
+    matched after layer j is the student's newest stream after layer j. A rule that differs has a nonzero one."""
+    src = tiny_hf("llama", dtype=torch.float64)
+    ids = {"input_ids": _ids()}
+    same = O1DistillLoss(src, layer_weight=1.0, layer_weight_end=1.0)
+    _, met = same(convert(src, dynamics="euler", dtype=torch.float64).train(), ids)
+    assert met["layer_err"] < 1e-12 and met["kl"] < 1e-10  # (HF computes RoPE tables in fp32)
+    _, met = same(convert(src, dynamics="leapfrog", dtype=torch.float64).train(), ids)
+    assert met["layer_err"] > 1e-4
+
+
+def test_layer_weight_schedule_and_its_gradient():
+    src = tiny_hf("llama", dtype=torch.float64)
+    loss = O1DistillLoss(src, layer_weight=2.0, layer_weight_end=0.0, steps=4)
+    assert [loss.weight_at(s) for s in (0, 1, 2, 4, 9)] == [2.0, 1.5, 1.0, 0.0, 0.0]
+    student = convert(src, dynamics="midpoint", dtype=torch.float64).train()
+    total, met = loss(student, {"input_ids": _ids()})
+    assert met["layer_weight"] == 2.0
+    assert abs(total.item() - (met["kl"] + 2.0 * met["layer_err"])) < 1e-9
+    total.backward()  # through the memory-free backward
+    assert all(p.grad is not None for p in student.model.layers.parameters())
+    student.eval()
+    loss(student, {"input_ids": _ids()})  # evaluation does not advance the schedule
+    assert loss.calls == 1
+
+
+def test_calibration_finds_a_massive_update_layer():
+    src = tiny_hf("llama", layers=6, dtype=torch.float32)
+    with torch.no_grad():
+        src.model.layers[4].mlp.down_proj.weight.mul_(300.0)
+    scores = calibrate(src, [_ids(seed=s) for s in range(2)])
+    assert len(scores) == 6 and max(range(6), key=scores.__getitem__) == 4
+    assert auto_hard_layers(scores) == [4]
+    assert auto_hard_layers([1.0] * 6) == []  # nothing stands out: no hard layer
+    assert auto_hard_layers([9.0, 1.0, 8.0, 7.0, 1.0, 1.0], max_layers=2) == [0, 2]
+
+
+def test_parse_hard_layers():
+    assert parse_hard_layers("auto", 30) == "auto"
+    assert parse_hard_layers("none", 30) == []
+    assert parse_hard_layers("12,11", 30) == [11, 12]
+    with pytest.raises(RevLLMError, match=r"names layer 30, but the model's layers are 0\.\.29"):
+        parse_hard_layers("11,30", 30)
+    with pytest.raises(RevLLMError, match="comma-separated"):
+        parse_hard_layers("eleven", 30)
+
+
+def test_tokenizer_mismatch_is_refused_naming_both(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a")))
+    data = _token_dir(tmp_path / "tok")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["tokenizer"].update(name="other-tokenizer", sha256="0" * 64)
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RevLLMError, match="'other-tokenizer'.*'my-source'"):
+        check_tokens_match(data, tok, "my-source")
+    from revllm.data.prepare import tokenizer_identity
+
+    meta["tokenizer"]["sha256"] = tokenizer_identity(tok, "x")["sha256"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    check_tokens_match(data, tok, "my-source")  # the same tokenizer passes
+
+
+def test_o1_run_resumes_exactly_mid_schedule(tmp_path):
+    """Stopped at step 2 of 4 (layer weight 1 -> 0: mid-stage) and resumed from RUN/o1.json, the run equals
+    the uninterrupted one bit for bit; resuming the schedule from step 0 instead would not."""
+    from revllm.convert.finetune import finetune
+
+    data = _token_dir(tmp_path / "tok")
+    src = tiny_hf("llama", dtype=torch.float32)
+    opts = dict(max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2,
+                progress=False)
+    conv = lambda: convert(src, dynamics="leapfrog", stored_layers=[1])  # noqa: E731
+    recipe = {"dynamics": "leapfrog", "hard_layers": [1], "layer_weight": 1.0, "layer_weight_end": 0.0, "steps": 4}
+    loss = lambda start=0: O1DistillLoss(src, 1.0, 0.0, 4, start)  # noqa: E731
+    full = finetune(conv(), data, tmp_path / "full", teacher=src, loss_fn=loss(), **opts)["model"]
+    recipe_state(tmp_path / "cut", recipe, resume=False)
+    finetune(conv(), data, tmp_path / "cut", teacher=src, loss_fn=loss(), stop_after=2, **opts)
+    back, start = recipe_state(tmp_path / "cut", None, resume=True)
+    assert back == recipe and start == 2
+    resumed = finetune(None, data, tmp_path / "cut", teacher=src, loss_fn=loss(start), resume=True, **opts)["model"]
+    assert resumed.config.stored_layers == [1]
+    ref = full.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in resumed.state_dict().items())
+    # the schedule matters: restarting it at step 0 gives another model
+    finetune(conv(), data, tmp_path / "cut0", teacher=src, loss_fn=loss(), stop_after=2, **opts)
+    wrong = finetune(None, data, tmp_path / "cut0", teacher=src, loss_fn=loss(0), resume=True, **opts)["model"]
+    assert not all(torch.equal(v, ref[k]) for k, v in wrong.state_dict().items())
+
+
+def _cli(args):
+    from revllm.cli import main as cli_main
+
+    return cli_main(args)
+
+
+def test_cli_convert_memory_o1(tmp_path, capsys):
+    src = tiny_hf("llama", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    data = _token_dir(tmp_path / "tok")
+    out = tmp_path / "o1"
+    common = ["--distill", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup", "0",
+              "--eval-interval", "2", "--checkpoint-interval", "2", "--no-progress"]
+    assert _cli(["convert", str(tmp_path / "hf"), str(out), "--memory", "o1", "--hard-layers", "1", *common]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dynamics"] == "leapfrog" and cfg["stored_layers"] == [1] and cfg["memory_free"] is True
+    rep = json.loads((out / "conversion_report.json").read_text())
+    assert rep["memory"] == "o1" and rep["o1"]["hard_layers"] == [1]
+    assert json.loads((tmp_path / "o1.run" / "o1.json").read_text())["hard_layers"] == [1]
+    # auto: calibrated on DATA (nothing stands out in a random tiny model)
+    assert _cli(["convert", str(tmp_path / "hf"), str(tmp_path / "auto"), "--memory", "o1", "--dynamics", "midpoint",
+                 *common]) == 0
+    rep = json.loads((tmp_path / "auto" / "conversion_report.json").read_text())
+    assert rep["o1"]["hard_layers"] == [] and len(rep["o1"]["calibration"]) == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--memory", "o1", "--hard-layers", "1,3"], "names layer 3, but the model's layers are 0..2"),
+    (["--hard-layers", "1"], "belong to the O(1) recipe: add --memory o1"),
+    (["--memory", "o1", "--dynamics", "midpoint_a"], "needs a rule without a per-layer buffer"),
+])
+def test_cli_o1_bad_input(tmp_path, capsys, extra, message):
+    src = tiny_hf("llama", dtype=torch.float32)
+    src.save_pretrained(tmp_path / "hf")
+    data = _token_dir(tmp_path / "tok")
+    out = tmp_path / "o1"
+    assert _cli(["convert", str(tmp_path / "hf"), str(out), "--distill", str(data), "--steps", "1", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "o1.run").exists()
+
+
+def test_cli_o1_refuses_an_already_converted_model(tmp_path, capsys):
+    conv = convert(tiny_hf("llama", dtype=torch.float32), dynamics="leapfrog")
+    conv.save_pretrained(tmp_path / "conv")
+    data = _token_dir(tmp_path / "tok")
+    assert _cli(["convert", str(tmp_path / "conv"), str(tmp_path / "o1"), "--memory", "o1", "--distill", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "already a converted revllm model" in err and len(err.strip().splitlines()) == 1
