@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import revllm
-from revllm.bench.configs import SavedBytes
+from revllm.memory import SavedBytes
 
 HERE = Path(__file__).resolve().parent
 # midpoint_a: the paper's random a_j quantized to 1/16 (|a| in [1/2, 3/2]), and the near-Euler a = 1/16.

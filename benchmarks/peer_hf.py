@@ -32,7 +32,8 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from revllm.bench.configs import SavedBytes, machine  # noqa: E402
+from revllm.bench.configs import machine  # noqa: E402
+from revllm.memory import SavedBytes  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 
 SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,

@@ -312,7 +312,7 @@ def worker(spec_path: str) -> int:
     from revllm.eval.harness import run_tasks
     from revllm.eval.perplexity import evaluate_perplexity, read_token_dir
     from revllm.train import build_config, train
-    from revllm.train import checkpoint as ckpt_io
+    from revllm import io as ckpt_io
 
     spec = json.loads(Path(spec_path).read_text())
     run = Path(spec["run_dir"])

@@ -10,9 +10,10 @@ from .modeling import RevLLMConfig, RevLLMForCausalLM
 # The function, not the subpackage: importing it here binds ``revllm.convert`` to the function for good
 # (the subpackage stays importable as ``revllm.convert`` via sys.modules / ``from revllm.convert import``).
 from .convert import convert
+from .io import load_model, load_tokenizer
 
 AutoConfig.register("revllm", RevLLMConfig)
 AutoModelForCausalLM.register(RevLLMConfig, RevLLMForCausalLM)
 
 __version__ = "0.1.0"
-__all__ = ["DYNAMICS", "convert", "RevLLMConfig", "RevLLMForCausalLM", "__version__"]
+__all__ = ["DYNAMICS", "convert", "load_model", "load_tokenizer", "RevLLMConfig", "RevLLMForCausalLM", "__version__"]

@@ -13,7 +13,8 @@ import os
 import pkgutil
 import sys
 
-from . import commands
+from . import __version__, commands
+from .commands.lm_eval import run_cli
 from .errors import RevLLMError
 from .memory import OPT_OUT_ENV, configure_allocator
 
@@ -37,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="revllm", description="Reversible LLMs: memory-free training and fine-tuning (arXiv 2512.02056)."
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"revllm {__version__}")
     parser.add_argument("--no-allocator-tuning", action="store_true",
                         help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)")
@@ -54,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval's own flags, unchanged: they never meet revllm's parser
-        from .commands.lm_eval import run_cli
-
         try:
             return run_cli(argv[1:])
         except RevLLMError as e:

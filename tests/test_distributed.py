@@ -225,7 +225,8 @@ def _rows(run):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, token_dir, mode):
-    from revllm.train import load_model, train
+    from revllm.io import load_model
+    from revllm.train import train
     from pipeline_fixtures import tiny_train_config  # noqa: F811
 
     common = ["--data", token_dir, "--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32,

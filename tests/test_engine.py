@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, REVERSIBLE, tiny_model
-from revllm.bench.configs import SavedBytes
+from revllm.memory import SavedBytes
 
 
 def _grads(model, ids, memory_free, seed):

@@ -8,6 +8,15 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from ..bench.allocator import allocator_table
+from ..bench.capacity import capacity_table
+from ..bench.configs import Spec, machine_tag, parse_bytes, parse_configs, parse_ints, resolve_device
+from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_positions, parse_names, plan
+from ..bench.memory import memory_table
+from ..bench.report import SHAPE_KEYS, load, merge, rebuild, render_markdown, save, stem_of
+from ..bench.speed import speed_table
+from ..errors import RevLLMError
+
 DEFAULT_OUT = "benchmarks/results"
 
 
@@ -97,9 +106,6 @@ def add_parser(subparsers):
 
 
 def _base(args, batch: int = 8):
-    from ..bench.configs import Spec, parse_configs, resolve_device
-    from ..errors import RevLLMError
-
     device, dtype = resolve_device(args.device, args.dtype)
     for name in ("d", "heads", "seq", "vocab", "loss_chunk"):
         if getattr(args, name) < 1:
@@ -132,7 +138,6 @@ def _command(args) -> str:
 
 def _saver(args):
     """Save the partial table after every row: a long CPU run interrupted late keeps what it measured."""
-    from ..bench.report import save
 
     def on_row(partial):
         if args.name:
@@ -143,8 +148,6 @@ def _saver(args):
 
 
 def _finish(result, args):
-    from ..bench.report import render_markdown, save
-
     if args.name:
         result["name"] = args.name
     paths = save(result, args.out)
@@ -153,10 +156,6 @@ def _finish(result, args):
 
 
 def run_memory(args):
-    from ..bench.configs import parse_bytes, parse_ints
-    from ..bench.memory import memory_table
-    from ..errors import RevLLMError
-
     if args.batch < 1:
         raise RevLLMError(f"--batch must be a positive integer, got {args.batch}")
     configs, spec = _base(args, args.batch)
@@ -169,10 +168,6 @@ def run_memory(args):
 
 
 def run_speed(args):
-    from ..bench.configs import parse_ints
-    from ..bench.speed import speed_table
-    from ..errors import RevLLMError
-
     batches = parse_ints(args.batch, "--batch")
     if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
         raise RevLLMError("--layers and --repeats must be positive and --warmup non-negative")
@@ -183,10 +178,6 @@ def run_speed(args):
 
 
 def run_capacity(args):
-    from ..bench.capacity import capacity_table
-    from ..bench.configs import parse_bytes, parse_ints
-    from ..errors import RevLLMError
-
     configs, spec = _base(args)
     depths = parse_ints(args.depths, "--depths")
     budget = parse_bytes(args.memory_budget)
@@ -198,15 +189,10 @@ def run_capacity(args):
         raise RevLLMError("--steps must be positive and --warmup non-negative")
     resume_rows = []
     if args.resume:
-        from ..bench.report import load
-
         prev = load(args.resume)
         if prev["table"] != "capacity":
             raise RevLLMError(f"--resume {args.resume} is a {prev['table']} table, not capacity")
         # Reuse rows only from the same model shape, machine and budget.
-        from ..bench.configs import machine_tag
-        from ..bench.report import SHAPE_KEYS
-
         now = spec.to_dict()
         diff = [k for k in SHAPE_KEYS if k != "batch" and k in now and prev["setup"].get(k) != now[k]]
         diff += ["machine"] if prev.get("machine_tag") != machine_tag(spec.device) else []
@@ -221,10 +207,6 @@ def run_capacity(args):
 
 
 def run_allocator(args):
-    from ..bench.allocator import allocator_table
-    from ..bench.configs import parse_ints
-    from ..errors import RevLLMError
-
     if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
         raise RevLLMError("--batch, --steps and --threads must be positive")
     preloads = {}
@@ -240,10 +222,6 @@ def run_allocator(args):
 
 
 def run_finetune(args):
-    from ..bench.configs import machine_tag, parse_bytes, parse_ints
-    from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_positions, parse_names, plan
-    from ..errors import RevLLMError
-
     configs = parse_names(args.configs, CONFIGS, "configuration")
     modes = parse_names(args.modes, MODES, "mode")
     seqs, batches = parse_ints(args.seqs, "--seqs"), parse_ints(args.batches, "--batches")
@@ -268,8 +246,6 @@ def run_finetune(args):
 
 
 def run_report(args):
-    from ..bench.report import rebuild
-
     written = rebuild(args.results)
     for p in written:
         if p.suffix == ".md":
@@ -278,9 +254,6 @@ def run_report(args):
 
 
 def run_merge(args):
-    from ..bench.report import load, merge, render_markdown, save, stem_of
-    from ..errors import RevLLMError
-
     result = merge([load(p) for p in args.inputs])
     target = Path(args.out) / f"{stem_of(result)}.json"
     if target.exists() and not any(target.resolve() == Path(p).resolve() for p in args.inputs):

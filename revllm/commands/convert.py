@@ -7,34 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+import torch
 
-# The conversion's defaults (finetune applies them only when it converts SRC itself).
-DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point")
-
-
-def add_dynamics_args(p: argparse.ArgumentParser) -> None:
-    d = DYNAMICS_DEFAULTS
-    p.add_argument("--dynamics", default=d["dynamics"], choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
-                   help="update rule (default midpoint_a: near-Euler with a = 2^-k)")
-    p.add_argument("--k", type=int, default=d["k"], help="midpoint_a coefficient a = 2^-k (default 4)")
-    p.add_argument("--step-size", type=float, default=None, help="h (default 1.0, the residual's step)")
-    p.add_argument("--initial-state", default=d["initial_state"], choices=["fixed_point", "copy", "zero"],
-                   help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))")
-    p.add_argument("--memory-free", choices=["auto", "on", "off"], default="auto",
-                   help="reversible backward (auto: on for reversible rules that can reconstruct)")
-
-
-def dynamics_kwargs(args) -> dict:
-    kw = dict(dynamics=args.dynamics, k=args.k, step_size=args.step_size, initial_state=args.initial_state)
-    if args.memory_free != "auto":
-        kw["memory_free"] = args.memory_free == "on"
-    return kw
+from ..convert import SUPPORTED, convert, save_converted
+from ..errors import RevLLMError
+from ..eval import evaluate_perplexity, kl_divergence, read_text_tokens
+from ..io import atomic_write, load_source, load_source_tokenizer, resolve_model_dir, save_model_atomic
+from .common import add_dynamics_args, dynamics_kwargs, offline
+from .finetune import add_training_args, apply_training_defaults, run_finetune
 
 
 def add_parser(sub):
-    from .finetune import add_training_args
-
     p = sub.add_parser("convert", help="convert a pretrained GPT-2/Llama/Qwen2 model into a reversible one",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
@@ -50,18 +35,6 @@ def add_parser(sub):
 
 
 def run(args):
-    from pathlib import Path
-
-    import torch
-
-    from ..bench.report import atomic_write
-    from ..convert import convert, load_source, load_source_tokenizer, save_converted
-    from ..convert.from_hf import save_model_atomic
-    from ..errors import RevLLMError
-    from ..train.checkpoint import resolve_model_dir
-    from .common import offline
-    from .finetune import apply_training_defaults
-
     offline()
     out = Path(args.out).resolve()
     if args.resume and not args.distill:
@@ -76,7 +49,7 @@ def run(args):
         raise RevLLMError(f"--report-tokens={args.report_tokens} must be >= 2 (one prediction needs two tokens)")
     dtype = getattr(torch, args.dtype)
     src_path = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
-    original = load_source(src_path, dtype)
+    original = load_source(src_path, dtype, SUPPORTED)
     max_pos = getattr(original.config, "max_position_embeddings", None)  # (GPT-2's n_positions maps to it)
     if seq_len and max_pos and seq_len > max_pos:
         raise RevLLMError(f"--seq-len {seq_len} exceeds the source model's {max_pos} positions")
@@ -87,8 +60,6 @@ def run(args):
     report = {"source": str(args.src), "dynamics": args.dynamics, "k": args.k if args.dynamics == "midpoint_a" else None,
               "initial_state": args.initial_state, "step_size": model.config.step_size}
     if args.report_text:
-        from ..eval import evaluate_perplexity, kl_divergence, read_text_tokens
-
         if tokenizer is None:
             raise ValueError("--report-text needs the source's tokenizer, and none was found")
         ids = read_text_tokens(tokenizer, args.report_text)[: args.report_tokens]
@@ -100,8 +71,6 @@ def run(args):
               f"| converted ({args.dynamics}) | {report['converted_ppl']:.3f} |\n"
               f"KL(original || converted) = {report['kl_original_converted']:.4g} nats/token over {len(ids)} tokens")
     if args.distill:
-        from .finetune import run_finetune
-
         # --resume: the student comes from the run's latest good checkpoint, not from this conversion
         summary = run_finetune(None if args.resume else model, original, tokenizer, args.distill,
                                out.with_name(out.name + ".run"), args, distill=True)

@@ -10,8 +10,11 @@ because lm-eval resolves ``data_files`` relative to the working directory.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from ..errors import RevLLMError
 
@@ -37,8 +40,7 @@ STANDARD_TASKS = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "ar
 def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
     """For each standard task, a YAML that includes lm-eval's own config and only swaps the dataset for
     ``data_dir/{task}.jsonl``. Its ``!function`` hooks resolve next to the included file, as usual."""
-    import lm_eval
-    import yaml
+    import lm_eval  # optional (the eval extra), as in run_tasks
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -62,10 +64,9 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
               device: str | None = None, max_length: int | None = None, task_data=None) -> dict:
     """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics).
     ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring)."""
-    import os
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # lm-eval is optional (the eval extra) and slow to import: only running tasks needs it
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..errors import RevLLMError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -145,8 +147,6 @@ ARCH_KEYS = {"block", "dynamics", "step_size", "initial_state", "layers", "hidde
 
 
 def load_yaml(path) -> dict:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")

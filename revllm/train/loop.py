@@ -40,22 +40,27 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import time
 import types
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from ..bench.configs import SavedBytes  # bytes saved for backward, weights excluded
+from .. import io as rio
 from ..data.tokens import TokenData, WindowSampler, val_batches
 from ..errors import CheckpointError, RevLLMError
-from ..memory import configure_allocator
+from ..memory import SavedBytes, configure_allocator, cpu_seconds, peak_rss_bytes
+from ..modeling import RevLLMConfig, RevLLMForCausalLM
+from ..parallel import ddp_static_graph, gradient_sync, parallelize
+from ..parallel.full_state import full_model_copy, full_optimizer_state, load_full_optimizer_state
 from . import checkpoint as ckpt_io
 from .config import ARCH_KEYS, RESUME_MUTABLE, build_config
 from .optim import build_optimizer, build_scheduler
-from ..parallel import ddp_static_graph, gradient_sync
 
 CSV_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", "mem_mb", "elapsed_s"]
 
@@ -69,17 +74,11 @@ def memory_mb(device) -> float:
     """CUDA: max allocated; CPU: the process's peak RSS (Linux reports KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return peak_rss_bytes() / 2**20
 
 
 def _resolve_resume(cfg, explicit):
-    ckpt = ckpt_io.latest_good(cfg.out)
+    ckpt = rio.latest_good(cfg.out)
     if ckpt is None:
         raise RevLLMError(f"--resume: no good checkpoint in {cfg.out}/checkpoints")
     meta, opt_state, rng = ckpt_io.load_trainer_state(ckpt)
@@ -111,7 +110,7 @@ def _keep_global_batch(cfg, meta, world: int) -> None:
         raise RevLLMError(f"--resume: the run was trained on {was} process(es) with grad_accum={cfg.grad_accum} "
                           f"({micro * cfg.batch_size} rows per step) and this launch has {world}; relaunch on a number "
                           f"of processes that divides {micro} to keep the global batch")
-    ckpt_io.say(f"resuming on {world} process(es) instead of {was}: grad_accum {cfg.grad_accum} -> {micro // world} "
+    rio.say(f"resuming on {world} process(es) instead of {was}: grad_accum {cfg.grad_accum} -> {micro // world} "
                 f"keeps the global batch of {micro * cfg.batch_size} rows per step")
     cfg.grad_accum = micro // world
 
@@ -154,7 +153,7 @@ class _SavedActivations(SavedBytes):
 def _warnings_through_bar():
     """Warnings as plain lines written through tqdm while the bar is on (not glued to its line)."""
     old = warnings.showwarning
-    warnings.showwarning = lambda msg, cat, *a, **k: ckpt_io.say(f"warning: {msg}")
+    warnings.showwarning = lambda msg, cat, *a, **k: rio.say(f"warning: {msg}")
     try:
         yield
     finally:
@@ -175,25 +174,18 @@ def _describe_model(cfg, model) -> None:
 
 
 def _new_model(cfg, data, seed):
-    import revllm
-
     torch.manual_seed(seed)
     sep = data.meta["tokenizer"].get("separator_id")
-    return revllm.RevLLMForCausalLM(revllm.RevLLMConfig(**cfg.model_kwargs(data.vocab_size, sep)))
+    return RevLLMForCausalLM(RevLLMConfig(**cfg.model_kwargs(data.vocab_size, sep)))
 
 
 def _tokenizer_sha(tokenizer):
     if tokenizer is None:
         return None
-    from ..data.prepare import tokenizer_identity
-
-    return tokenizer_identity(tokenizer, "model")["sha256"]
+    return rio.tokenizer_identity(tokenizer, "model")["sha256"]
 
 
 def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-
     configure_allocator()  # keeps the process's peak flat in depth on glibc (revllm/memory.py says why)
     cfg = cfg.validate()
     if cfg.init_from and not cfg.resume and set(explicit or ()) & ARCH_KEYS:
@@ -204,7 +196,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         cfg, ckpt, meta, opt_state, rng = _resolve_resume(cfg, explicit)
         resume = (ckpt, meta, opt_state, rng)
     run = Path(cfg.out)
-    if not resume and ckpt_io.list_checkpoints(run):
+    if not resume and rio.list_checkpoints(run):
         raise RevLLMError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
     if cfg.schedule_steps is None:
         cfg.schedule_steps = cfg.max_steps
@@ -214,16 +206,16 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
             raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
                               f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
-    tokenizer = ckpt_io.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
+    tokenizer = rio.load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
 
     # -- the model -------------------------------------------------------------------------------
     if model is None and resume:
-        model = ckpt_io.load_model(resume[0])
+        model = rio.load_model(resume[0])
     elif model is None and cfg.init_from:
-        model = ckpt_io.load_model(cfg.init_from)
-        src_dir = ckpt_io.resolve_model_dir(cfg.init_from)
+        model = rio.load_model(cfg.init_from)
+        src_dir = rio.resolve_model_dir(cfg.init_from)
         if (src_dir / "tokenizer.json").is_file():
-            data.check(cfg.seq_len, model.config.vocab_size, _tokenizer_sha(ckpt_io.load_tokenizer(src_dir)))
+            data.check(cfg.seq_len, model.config.vocab_size, _tokenizer_sha(rio.load_tokenizer(src_dir)))
     elif model is None:
         model = _new_model(cfg, data, cfg.seed)
     _describe_model(cfg, model)
@@ -232,7 +224,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
         raise RevLLMError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     data.check(cfg.seq_len, model.config.vocab_size)
     if resume and cfg.max_steps > cfg.schedule_steps:  # said once the inputs are known to be good
-        ckpt_io.say(f"--max-steps {cfg.max_steps} extends the run past the {cfg.schedule_steps} steps its lr schedule "
+        rio.say(f"--max-steps {cfg.max_steps} extends the run past the {cfg.schedule_steps} steps its lr schedule "
                     f"planned: the schedule is kept, steps {cfg.schedule_steps + 1}-{cfg.max_steps} run at its final lr "
                     f"{cfg.min_lr:g} (min_lr)")
     if cfg.activation_checkpointing:
@@ -255,7 +247,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     _make_run_dir(run)
     if main:
         for name in ckpt_io.remove_stale_temps(run):
-            ckpt_io.say(f"removed {run / 'checkpoints' / name}, left by a save that did not finish")
+            rio.say(f"removed {run / 'checkpoints' / name}, left by a save that did not finish")
     acc.wait_for_everyone()
     if resume:
         _keep_global_batch(cfg, resume[1], world)
@@ -263,9 +255,6 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     if cfg.parallel == "fsdp2" and not fsdp2:
         warnings.warn("parallel=fsdp2 is ignored in a single process (launch with torchrun --nproc-per-node N)")
     if fsdp2:
-        from ..parallel import parallelize
-        from ..parallel.full_state import full_model_copy, full_optimizer_state, load_full_optimizer_state
-
         # Shard before building the optimizer (it must hold the sharded parameters); prepare(model) is
         # skipped because accelerate would wrap the sharded model in DDP as well.
         model = parallelize(model.to(acc.device), "fsdp2")
@@ -303,8 +292,6 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     # a loss_fn may name its own metrics (distillation: kl, ce, ...): they get columns and TensorBoard tags
     fields = CSV_FIELDS + [k for k in getattr(loss_fn, "metric_names", ()) if k not in CSV_FIELDS]
     if main:
-        import yaml
-
         tmp = run / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         os.replace(tmp, run / "config.yaml")
@@ -316,8 +303,6 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
             w = csv.DictWriter(f, fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        from torch.utils.tensorboard import SummaryWriter
-
         tb = SummaryWriter(str(run / "tb"), purge_step=step if resume else None)
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
     meter, act_bytes = (_SavedActivations(model) if fsdp2 else SavedBytes(model)), None
@@ -346,12 +331,12 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
     def check_finite():
         """Before a save: parameters and optimizer state must all be finite (a finite loss does not show that
         the update it was followed by did not overflow). One fused reduction, one sync."""
-        bad = ckpt_io.nonfinite(list(model.parameters()))
-        bad += ckpt_io.nonfinite(ckpt_io.optimizer_tensors(getattr(optimizer, "optimizer", optimizer)))
+        bad = rio.nonfinite(list(model.parameters()))
+        bad += rio.nonfinite(ckpt_io.optimizer_tensors(getattr(optimizer, "optimizer", optimizer)))
         if world > 1:
             bad = int(acc.reduce(torch.tensor(float(bad), device=acc.device), "sum").item())
         if bad:
-            good = ckpt_io.latest_good(run, action="the last good one is")
+            good = rio.latest_good(run, action="the last good one is")
             raise RevLLMError(f"parameters/optimizer state became NaN/inf at step {step} ({bad} tensors; the lr may be too "
                               f"high): training stopped, nothing saved; last good checkpoint: {good or 'none'}")
 
@@ -419,7 +404,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                 loss_sum = acc.reduce(loss_sum, "mean")  # log the global batch's loss, not rank 0's rows
             train_loss = (loss_sum / cfg.grad_accum).item()
             if not math.isfinite(train_loss):
-                good = ckpt_io.latest_good(run, action="the last good one is")
+                good = rio.latest_good(run, action="the last good one is")
                 raise RevLLMError(f"loss is {train_loss} at step {step + 1}: training stopped, nothing saved; "
                                   f"last good checkpoint: {good or 'none'}")
             if cfg.clip > 0:
@@ -465,7 +450,7 @@ def train(cfg, model=None, loss_fn=None, teacher=None, explicit=None) -> dict:
                "dynamics": cfg.dynamics, "block": cfg.block, "memory_free": bool(getattr(acc.unwrap_model(model).config,
                                                                                            "memory_free", False)),
                "precision": precision, "device": str(acc.device), "stopped_early": stopped,
-               "wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_seconds(), "config": cfg.to_dict(),
+               "wall_s": time.perf_counter() - t_start, "cpu_s": cpu_seconds(), "config": cfg.to_dict(),
                "world_size": world, "rank": rank}
     if main:
         tb.close()
