@@ -58,6 +58,48 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("alloc" in msg or "out of memory" in msg or "mmap" in msg)
 
 
+def _measure(task: str, out: dict, model, ids, spec: Spec, opt, steps: int, warmup: int) -> None:
+    """The task's measurement, under the budget; its figures go into ``out`` as they are taken."""
+    if task == "memory":
+        t0 = time.perf_counter()
+        counter = SavedBytes(model)
+        with counter:
+            with torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.dtype == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
+        out["saved_bytes"] = counter.bytes
+        out["saved_tensors"] = counter.tensors
+        loss.backward()
+        sync(spec.device)
+        out["step_seconds"] = time.perf_counter() - t0
+    elif task == "probe":
+        t0 = time.perf_counter()
+        train_step(model, ids, spec, opt)
+        sync(spec.device)
+        out["step_seconds"] = time.perf_counter() - t0
+    elif task == "train":
+        times, cpu = [], []
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            train_step(model, ids, spec, opt)
+            times.append(time.perf_counter() - t0)
+            cpu.append(cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
+        out["step_times"], out["step_cpu_times"] = times, cpu
+    elif task == "throughput":
+        for _ in range(warmup):
+            train_step(model, ids, spec, opt)
+        sync(spec.device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            train_step(model, ids, spec, opt)
+            sync(spec.device)
+            times.append(time.perf_counter() - t0)
+        out["step_times"] = times
+        out["tokens_per_s"] = spec.batch * spec.seq * len(times) / sum(times)
+    else:
+        raise ValueError(f"unknown task {task!r}; use memory, probe or throughput")
+
+
 def run(job: dict) -> dict:
     task = job.pop("task")
     allocator = job.pop("allocator", "revllm")
@@ -93,44 +135,7 @@ def run(job: dict) -> dict:
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     try:
         _enforce_budget(budget, spec.device)
-        if task == "memory":
-            t0 = time.perf_counter()
-            counter = SavedBytes(model)
-            with counter:
-                with torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.dtype == "bf16"):
-                    loss = model(input_ids=ids, labels=ids).loss
-            out["saved_bytes"] = counter.bytes
-            out["saved_tensors"] = counter.tensors
-            loss.backward()
-            sync(spec.device)
-            out["step_seconds"] = time.perf_counter() - t0
-        elif task == "probe":
-            t0 = time.perf_counter()
-            train_step(model, ids, spec, opt)
-            sync(spec.device)
-            out["step_seconds"] = time.perf_counter() - t0
-        elif task == "train":
-            times, cpu = [], []
-            for _ in range(steps):
-                t0, c0 = time.perf_counter(), cpu_seconds()
-                train_step(model, ids, spec, opt)
-                times.append(time.perf_counter() - t0)
-                cpu.append(cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
-            out["step_times"], out["step_cpu_times"] = times, cpu
-        elif task == "throughput":
-            for _ in range(warmup):
-                train_step(model, ids, spec, opt)
-            sync(spec.device)
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                train_step(model, ids, spec, opt)
-                sync(spec.device)
-                times.append(time.perf_counter() - t0)
-            out["step_times"] = times
-            out["tokens_per_s"] = spec.batch * spec.seq * len(times) / sum(times)
-        else:
-            raise ValueError(f"unknown task {task!r}; use memory, probe or throughput")
+        _measure(task, out, model, ids, spec, opt, steps, warmup)
         out["ok"] = True
     except _OverBudget as e:
         out.update(ok=False, reason="model_over_budget", detail=str(e))

@@ -23,35 +23,43 @@ DEFAULT_OUT = "benchmarks/results"
 def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="memory / step time / max batch against ordinary training and checkpointing")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="TABLE")
+    _add_model_tables(sub)
+    _add_finetune_and_results(sub)
 
-    def model_args(q, layers_help, depths=None, configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
-        q.add_argument("--configs", default=configs,
-                       help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
-        if depths is not None:
-            q.add_argument("--depths", default=depths, help=layers_help)
-        else:
-            q.add_argument("--layers", type=int, default=12, help=layers_help)
-        q.add_argument("--d", type=int, default=512, help="model width")
-        q.add_argument("--heads", type=int, default=8)
-        q.add_argument("--seq", type=int, default=256, help="sequence length")
-        q.add_argument("--vocab", type=int, default=8192)
-        q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
-        q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
-        q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
-        q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
-        q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
-        q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
-        q.add_argument("--name", default=None, help="file stem instead of the table name (e.g. speed-sweep)")
 
+def _model_args(q, layers_help, depths=None,
+                configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
+    """The model shape and output options every table shares."""
+    q.add_argument("--configs", default=configs,
+                   help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
+    if depths is not None:
+        q.add_argument("--depths", default=depths, help=layers_help)
+    else:
+        q.add_argument("--layers", type=int, default=12, help=layers_help)
+    q.add_argument("--d", type=int, default=512, help="model width")
+    q.add_argument("--heads", type=int, default=8)
+    q.add_argument("--seq", type=int, default=256, help="sequence length")
+    q.add_argument("--vocab", type=int, default=8192)
+    q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
+    q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
+    q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
+    q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
+    q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+    q.add_argument("--name", default=None, help="file stem instead of the table name (e.g. speed-sweep)")
+
+
+def _add_model_tables(sub):
+    """memory, speed, capacity and allocator: tables of one model shape in configurations (a)-(d)."""
     m = sub.add_parser("memory", help="table 1: saved bytes and peak memory vs depth (fresh process per row)")
-    model_args(m, "comma list of depths", depths="6,12,24,48,96")
+    _model_args(m, "comma list of depths", depths="6,12,24,48,96")
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--memory-budget", default=None, help="e.g. 4GiB: rows predicted or found over it are skipped")
     m.add_argument("--max-seconds", type=float, default=None, help="per-row wall limit; slower rows are skipped")
     m.set_defaults(func=run_memory)
 
     s = sub.add_parser("speed", help="table 2: step time at the same batch, ratio to (a), interleaved")
-    model_args(s, "depth")
+    _model_args(s, "depth")
     s.add_argument("--batch", default="8", help="batch, or a comma list for a tokens/s-vs-batch sweep")
     s.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
     s.add_argument("--warmup", type=int, default=1)
@@ -59,7 +67,7 @@ def add_parser(subparsers):
     s.set_defaults(func=run_speed)
 
     c = sub.add_parser("capacity", help="table 3: max batch under a memory budget, tokens/s at that batch")
-    model_args(c, "comma list of depths", depths="16,32,64,96", configs="euler,euler_ckpt,midpoint")
+    _model_args(c, "comma list of depths", depths="16,32,64,96", configs="euler,euler_ckpt,midpoint")
     c.add_argument("--memory-budget", default=None, help="required on CPU (e.g. 4GiB); on CUDA default = the card")
     c.add_argument("--start-batch", type=int, default=1)
     c.add_argument("--max-batch", type=int, default=1 << 16, help="stop doubling here (reported as capped)")
@@ -70,7 +78,7 @@ def add_parser(subparsers):
     c.set_defaults(func=run_capacity)
 
     a = sub.add_parser("allocator", help="whole-process peak of training vs depth per allocator setting, interleaved")
-    model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
+    _model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--steps", type=int, default=4, help="AdamW steps per row, from cold")
     a.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row")
@@ -78,6 +86,9 @@ def add_parser(subparsers):
                    help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)")
     a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
 
+
+def _add_finetune_and_results(sub):
+    """finetune (SmolLM2-135M), and report / merge of saved results."""
     f = sub.add_parser("finetune", help="fine-tuning SmolLM2-135M: peak memory, s/step, tokens/s vs sequence and batch")
     f.add_argument("--configs", default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
                    help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog")

@@ -132,6 +132,19 @@ def held_out(i: int, fraction: float) -> bool:
     return int((i + 1) * fraction) > int(i * fraction)
 
 
+def _publish(out: Path, tmp: dict, tok, meta: dict) -> None:
+    """Everything is written beside the old files first; then meta.json goes (the dir reads as incomplete),
+    the renames happen, and the new meta.json comes last: a token dir without meta.json is incomplete."""
+    tok_tmp = out / ".tokenizer.tmp"
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    tok.save_pretrained(tok_tmp)
+    (out / "meta.json").unlink(missing_ok=True)
+    for s, p in tmp.items():  # streamed files, finished: each renamed into place
+        os.replace(p, out / f"{s}.bin")
+    replace_dir(tok_tmp, out / "tokenizer")
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+
+
 def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True,
                    split="block") -> dict:
     """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
@@ -192,20 +205,11 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
         if split == "document" and counts["val"] == 0:
             raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
                               f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
-        # Everything is written beside the old files first; then meta.json goes (the dir reads as
-        # incomplete), the renames happen, and the new meta.json comes last.
-        tok_tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tok_tmp, ignore_errors=True)
-        tok.save_pretrained(tok_tmp)
-        (out / "meta.json").unlink(missing_ok=True)
-        for s, p in tmp.items():  # streamed files, finished: each renamed into place
-            os.replace(p, out / f"{s}.bin")
-        replace_dir(tok_tmp, out / "tokenizer")
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
                 "val_fraction": val_fraction, "split": split, "requested": [str(p) for p in inputs],
                 "inputs": [str(p) for _, p in sources]}
-        atomic_write(out / "meta.json", json.dumps(meta, indent=1))  # written last: a token dir without meta.json is incomplete
+        _publish(out, tmp, tok, meta)
         return meta
     finally:
         for f in files.values():
