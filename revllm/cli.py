@@ -14,6 +14,7 @@ import pkgutil
 import sys
 
 from . import __version__, commands
+from .commands.common import offline
 from .commands.lm_eval import run_cli
 from .errors import RevLLMError
 from .memory import OPT_OUT_ENV, configure_allocator
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.no_allocator_tuning:
         os.environ[OPT_OUT_ENV] = "0"  # also for the processes a command starts (demo, bench rows)
+    # The program, not the library, decides that nothing reaches a model hub: library functions use
+    # local_files_only=True and never write the environment; this process (and what it starts) runs offline.
+    offline()
     configure_allocator()  # before models load: see revllm/memory.py
     try:
         code = int(args.func(args) or 0)

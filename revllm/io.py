@@ -14,8 +14,10 @@ revllm. It also keeps the cached from_pretrained copies of the embedded SmolLM2 
   one that verifies, each bad one skipped with one plain line on stderr.
 * **Loading.** ``load_model(path)`` / ``load_tokenizer(path)`` accept a run dir (its latest good
   checkpoint), a checkpoint dir, a finished fine-tuning run, any HF model dir, a .gguf file or
-  ``smollm2``; ``load_source`` loads a conversion source (HF dir or .gguf). All local files only,
-  safetensors only, never remote code; nothing is unpickled. Weights that are not finite are refused.
+  ``smollm2``; ``load_source`` loads a conversion source (HF dir or .gguf). All local files only
+  (``local_files_only=True`` on every ``from_pretrained``: nothing here writes ``HF_HUB_OFFLINE`` or any
+  other variable into the caller's environment), safetensors only, never remote code; nothing is
+  unpickled. Weights that are not finite are refused.
 * **Tokenizer identity** (``tokenizer_identity``): name, vocab size, separator id and the SHA-256 of its
   tokenizer.json, recorded by ``revllm data`` and checked by training and evaluation.
 """
@@ -122,7 +124,7 @@ def smollm2_tokenizer_dir() -> Path:
 
     def build(tmp: Path):
         gguf = smollm2_gguf()
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True).save_pretrained(tmp)
 
     return atomic_dir(cache_dir() / "smollm2-135m-instruct-tokenizer", build, keep_existing=True)
 
@@ -136,14 +138,15 @@ def smollm2_model_dir() -> Path:
 
     def build(tmp: Path):
         gguf = smollm2_gguf()
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                   local_files_only=True)
         cfg = src.config.to_dict()
         cfg.pop("quantization_config", None)
         clean = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
         clean.load_state_dict(src.state_dict())
         clean.generation_config = src.generation_config
         clean.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), local_files_only=True).save_pretrained(tmp)
 
     return atomic_dir(cache_dir() / "smollm2-135m-instruct", build, keep_existing=True)
 
@@ -262,7 +265,6 @@ def load_model(path, dtype=torch.float32):
     """AutoModelForCausalLM from a run/checkpoint/HF dir, offline, safetensors only, no remote code.
     (revllm's own classes are registered with the Auto classes by ``import revllm``, which importing this
     module has already run.)"""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.disable_progress_bar()
     if str(path).endswith(".gguf"):  # transformers' gguf loader (dequantized weights)
         return load_source(path, dtype)
@@ -284,7 +286,6 @@ def load_model(path, dtype=torch.float32):
 def load_tokenizer(path, required: bool = True):
     """Tokenizer from a run/checkpoint/HF/tokenizer dir, a .gguf file, or ``smollm2`` for the embedded
     default; with ``required=False`` a model saved without one gives None."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not required:
         try:
             return load_tokenizer(path)
@@ -292,7 +293,7 @@ def load_tokenizer(path, required: bool = True):
             return None
     if str(path).endswith(".gguf"):
         p = Path(path)
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
     if str(path) == "smollm2":
         d = smollm2_tokenizer_dir()
     else:
@@ -324,12 +325,12 @@ def tokenizer_identity(tokenizer, source: str) -> dict:
 def load_source(src, dtype=torch.float32, supported: Mapping[str, str] | None = None):
     """Load an HF model from a directory or a .gguf file (offline, no remote code). ``supported``
     (model_type -> class name): refuse any other architecture before a weight is read."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from a conversion
     path = Path(src)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     local_files_only=True)
         model.config.__dict__.pop("quantization_config", None)  # dequantized weights: a plain model now
         return model
     if not path.is_dir():
@@ -351,7 +352,7 @@ def load_source_tokenizer(src):
     path = Path(src)
     try:
         if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         warnings.warn(f"no tokenizer copied from {src}: {e}")

@@ -63,7 +63,7 @@ BUGS = [
      'parts = ("attn", "mlp")', 'parts = ("mlp", "attn")', ["tests/test_oracles.py"]),
     # README claims that had no test (issue 21, item 2)
     ("GGUF: weights loaded in bf16 whatever dtype was asked", "revllm/io.py",
-     "gguf_file=path.name, dtype=dtype)", "gguf_file=path.name, dtype=torch.bfloat16)", ["tests/test_gguf.py"]),
+     "gguf_file=path.name, dtype=dtype,", "gguf_file=path.name, dtype=torch.bfloat16,", ["tests/test_gguf.py"]),
     ("RoPE scaling accepted", "revllm/convert/from_hf.py",
      'if rope_type != "default":', "if False:", ["tests/test_contracts.py::test_conversion_refuses_unsupported_features"]),
     ("sliding window accepted", "revllm/convert/from_hf.py",

@@ -77,3 +77,59 @@ def test_atomic_dir_replaces_only_a_complete_directory(tmp_path):
     assert rio.atomic_dir(target, build("three"), keep_existing=True) == target  # a cache entry is kept
     assert (target / "f").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or moved-aside directory left
+
+
+def test_loading_leaves_the_callers_environment_unchanged(tmp_path, monkeypatch):
+    """Library loaders run offline through explicit local_files_only arguments: loading a model, a tokenizer
+    or a conversion source, or building a benchmark model, writes nothing into os.environ (it used to set
+    HF_HUB_OFFLINE, turning the caller's whole process offline)."""
+    import os
+
+    import huggingface_hub.constants as hub
+    from pipeline_fixtures import train_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from revllm.bench.configs import Spec, build_model
+
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    tiny_model().save_pretrained(tmp_path / "rev")
+    train_tokenizer(tmp_path / "rev")
+    hf = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1)
+    LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
+    before, hub_before = dict(os.environ), hub.HF_HUB_OFFLINE
+    assert rio.load_model(tmp_path / "rev").config.model_type == "revllm"
+    assert rio.load_tokenizer(tmp_path / "rev").eos_token == "<|endoftext|>"
+    assert rio.load_source(tmp_path / "hf", supported={"llama": "LlamaForCausalLM"}).config.model_type == "llama"
+    build_model(Spec(layers=1, d=32, heads=4, seq=16, batch=2, vocab=64, loss_chunk=8))
+    assert dict(os.environ) == before
+    assert hub.HF_HUB_OFFLINE == hub_before
+
+
+def test_no_library_module_writes_the_environment():
+    """Only the program (revllm/cli.py, and commands/common.offline that it calls) sets environment variables
+    for its own process; every other module leaves os.environ alone (read with ast, nothing imported)."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "revllm"
+    allowed = {"cli.py", "commands/common.py"}
+    writes = []
+    for path in sorted(src.rglob("*.py")):
+        rel = str(path.relative_to(src))
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                f = node.func
+                if ast.unparse(f.value) == "os.environ" and f.attr in ("setdefault", "update", "pop", "clear"):
+                    target = ast.unparse(node)
+                if ast.unparse(f) in ("os.putenv", "os.unsetenv"):
+                    target = ast.unparse(node)
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                for t in getattr(node, "targets", []):
+                    if isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ":
+                        target = ast.unparse(node)
+            if target and rel not in allowed:
+                writes.append(f"{rel}:{node.lineno}: {target}")
+    assert writes == []

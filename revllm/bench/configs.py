@@ -133,7 +133,6 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
 
 def build_model(spec: Spec):
     """The benchmark model for ``spec``: gradients preallocated, train mode, on the device."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dyn, memory_free, ckpt = parse_config(spec.config)
     cfg = RevLLMConfig(
         block=spec.block, dynamics=dyn, memory_free=memory_free, num_hidden_layers=spec.layers,

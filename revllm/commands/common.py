@@ -8,7 +8,8 @@ import huggingface_hub.constants as hub
 
 
 def offline():
-    """Nothing at run time may reach a model hub."""
+    """Nothing the ``revllm`` program runs may reach a model hub. Called by ``revllm.cli`` for its own
+    process (``setdefault``: a user's explicit setting wins); library code never calls it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

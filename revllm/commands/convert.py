@@ -15,7 +15,7 @@ from ..convert import SUPPORTED, convert, save_converted
 from ..errors import RevLLMError
 from ..eval import evaluate_perplexity, kl_divergence, read_text_tokens
 from ..io import atomic_write, load_source, load_source_tokenizer, resolve_model_dir, save_model_atomic
-from .common import add_dynamics_args, dynamics_kwargs, offline
+from .common import add_dynamics_args, dynamics_kwargs
 from .finetune import add_training_args, apply_training_defaults, run_finetune
 
 
@@ -35,7 +35,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
     out = Path(args.out).resolve()
     if args.resume and not args.distill:
         raise RevLLMError("--resume continues a --distill run: give --distill DATA too")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ..data import prepare_tokens
-from .common import offline
 
 
 def add_parser(sub):
@@ -23,7 +22,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
     meta = prepare_tokens(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                           text_key=args.text_key, progress=not args.no_progress, split=args.split)
     print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({meta['dtype']}), "

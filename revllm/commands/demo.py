@@ -27,7 +27,7 @@ from rich.table import Table
 from ..data import prepare_tokens, read_meta
 from ..errors import RevLLMError
 from ..train.report import write_report
-from .common import offline, positive_float
+from .common import positive_float
 
 DEMO_MARK = ".revllm-demo"
 # Deep and long enough that the stored run's activations dominate its peak RSS (see the README's demo row);
@@ -67,7 +67,6 @@ def default_corpus() -> list[Path]:
 
 
 def run(args):
-    offline()
     if args.steps < 1:
         raise RevLLMError("--steps must be >= 1")
     # a pipe or CI log reports 80 columns, which squeezed the table's cells into '…'

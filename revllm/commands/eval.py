@@ -17,7 +17,7 @@ from ..errors import read_json
 from ..eval import evaluate_perplexity, read_text_tokens, read_token_dir
 from ..eval.harness import run_tasks
 from ..io import atomic_write, load_model, load_tokenizer, tokenizer_identity
-from .common import offline, positive_int
+from .common import positive_int
 
 
 def add_parser(sub):
@@ -40,7 +40,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
     if not (args.data or args.text or args.tasks):
         raise ValueError("nothing to evaluate: give --data DIR, --text FILE and/or --tasks NAMES")
     model = load_model(args.model).eval()

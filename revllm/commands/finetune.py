@@ -16,7 +16,7 @@ from ..convert.finetune import finetune
 from ..dynamics.fixedpoint import dyadic
 from ..errors import RevLLMError
 from ..io import load_model, load_tokenizer, resolve_model_dir
-from .common import DYNAMICS_DEFAULTS, add_dynamics_args, dynamics_kwargs, offline, positive_int
+from .common import DYNAMICS_DEFAULTS, add_dynamics_args, dynamics_kwargs, positive_int
 
 # Defaults of a new run. They are not argparse defaults: on --resume an unset flag keeps the run's own value.
 TRAINING_DEFAULTS = dict(steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=10, seed=0, eval_interval=50,
@@ -99,7 +99,6 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool) -> d
 
 
 def run(args):
-    offline()
     apply_training_defaults(args)
     src = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     model = load_model(src)

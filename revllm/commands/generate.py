@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 
 from ..errors import RevLLMError
 from ..io import load_model, load_tokenizer
-from .common import offline, positive_int
+from .common import positive_int
 
 
 def add_parser(sub):
@@ -26,7 +26,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
     if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise RevLLMError("need --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (or use --greedy)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

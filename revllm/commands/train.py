@@ -6,7 +6,6 @@ import dataclasses
 
 from ..train import build_config, train
 from ..train.config import TrainConfig, load_yaml
-from .common import offline
 
 # flag -> (type, help); every flag defaults to None so that only explicit flags override the YAML.
 FLAGS = {
@@ -70,7 +69,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     cfg = build_config(args.config, given)

@@ -10,7 +10,6 @@ because lm-eval resolves ``data_files`` relative to the working directory.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -63,9 +62,10 @@ def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
 def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size: int = 4, limit=None,
               device: str | None = None, max_length: int | None = None, task_data=None) -> dict:
     """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics).
-    ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring).
+    The model is in memory (nothing is fetched for it); whether datasets may reach a hub is the caller's
+    setting (``HF_DATASETS_OFFLINE``): ``revllm eval`` runs offline, a library call leaves the
+    environment as it is."""
     # lm-eval is optional (the eval extra) and slow to import: only running tasks needs it
     import lm_eval
     from lm_eval.models.huggingface import HFLM
