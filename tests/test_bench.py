@@ -4,7 +4,6 @@ import json
 import statistics
 
 import pytest
-import torch
 
 from revllm import cli
 from revllm.bench import capacity, configs, memory, process, report, speed, worker
@@ -50,7 +49,7 @@ def test_saved_bytes_excludes_parameters():
 def test_worker_prints_one_json_line(capsys):
     job = {"task": "memory", **Spec(config="leapfrog", layers=2, **TINY).to_dict()}
     assert worker.main([json.dumps(job)]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(worker.PREFIX)]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(worker.PREFIX)]
     assert len(lines) == 1
     res = json.loads(lines[0][len(worker.PREFIX):])
     assert res["ok"] and res["config"] == "leapfrog" and res["saved_bytes"] > 0 and res["peak_bytes"] > 0
@@ -267,3 +266,7 @@ def test_atomic_write_leaves_no_temp_and_a_readable_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_every_table_has_its_renderer():
+    assert set(report._RENDERERS) == set(report.TABLES)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir  # noqa: F401
 
-from revllm.cli import main
 from revllm import io as rio
+from revllm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",

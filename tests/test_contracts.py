@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir, tiny_train_config, train_tokenizer  # noqa: F401
-
 from conftest import tiny_model
-from revllm.errors import CheckpointError, RevLLMError
+from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir, train_tokenizer  # noqa: F401
+
 from revllm import io as rio
+from revllm.errors import CheckpointError, RevLLMError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",

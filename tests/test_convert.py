@@ -476,8 +476,8 @@ def _report_oracle(src, conv, ids, win):
                 continue
             lp = F.log_softmax(src(w).logits[0].double(), -1)
             lq = F.log_softmax(conv(w).logits[0].double(), -1)
-            for k, l in (("src", lp), ("conv", lq)):
-                ce[k] -= l[:-1].gather(1, w[0, 1:, None]).sum().item()
+            for k, logp in (("src", lp), ("conv", lq)):
+                ce[k] -= logp[:-1].gather(1, w[0, 1:, None]).sum().item()
             kl += (lp.exp() * (lp - lq)).sum().item()
             n_pred, n_pos = n_pred + w.shape[1] - 1, n_pos + w.shape[1]
     return math.exp(ce["src"] / n_pred), math.exp(ce["conv"] / n_pred), kl / n_pos

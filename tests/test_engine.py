@@ -1,9 +1,8 @@
 """The reversible engine against ordinary autograd on the same model (float64, tight tolerances)."""
 import pytest
 import torch
-from torch import nn
-
 from conftest import FAMILIES, REVERSIBLE, tiny_model
+
 from revllm.memory import SavedBytes
 
 

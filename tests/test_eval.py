@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from revllm.cli import main
 from revllm.eval import evaluate_perplexity, kl_divergence
 

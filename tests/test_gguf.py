@@ -4,7 +4,6 @@ euler conversion reproduces the source model's logits, every weight lands (untie
 import numpy as np
 import pytest
 import torch
-
 from hf_tiny import tiny_hf
 
 gguf = pytest.importorskip("gguf", reason="the convert extra (pip install revllm[convert]) is not installed")

@@ -14,12 +14,12 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir  # noqa: F401
 
+from revllm import io as rio
 from revllm.cli import main
 from revllm.errors import RevLLMError
-from revllm import io as rio
-from revllm.train import checkpoint as ckpt_io
 from revllm.io import load_model
-from revllm.train import causal_lm_loss, train
+from revllm.train import checkpoint as ckpt_io
+from revllm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
@@ -87,8 +87,9 @@ def test_cli_lr_1e6_stops_with_a_good_checkpoint_and_eval_generate_refuse_nan(tm
     assert f"last good checkpoint: {saved[-1] if saved else 'none'}" in last
     _all_finite(run)
     # a model with NaN weights (as the old code saved them): generate and eval refuse it in one line
-    import revllm
     from conftest import tiny_config
+
+    import revllm
 
     model = revllm.RevLLMForCausalLM(tiny_config(vocab_size=300))
     with torch.no_grad():
@@ -314,10 +315,10 @@ def test_revllm_lm_eval_runs_lm_evals_cli_on_a_saved_model(tmp_path, tiny_tokeni
     `revllm lm-eval` with the same arguments runs lm-eval's CLI on it, no device flag, no remote code."""
     import json
 
-    import revllm
     from conftest import tiny_config
     from transformers import AutoTokenizer
 
+    import revllm
     from revllm.eval.harness import _render_builtin
 
     model_dir, tasks, out = tmp_path / "model", tmp_path / "tasks", tmp_path / "out"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir, train_tokenizer  # noqa: F401
 
+from revllm import io as rio
 from revllm.errors import CheckpointError, RevLLMError
 from revllm.io import load_model
 from revllm.train import build_config, causal_lm_loss, train
-from revllm import io as rio
 from revllm.train import checkpoint as ckpt_io
 
 

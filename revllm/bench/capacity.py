@@ -7,7 +7,7 @@ is within that fraction of the best batch (0 = exact), which bounds the number o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tqdm import tqdm
 

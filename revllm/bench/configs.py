@@ -20,8 +20,6 @@ from ..dynamics import DYNAMICS
 from ..errors import RevLLMError
 from ..modeling import RevLLMConfig, RevLLMForCausalLM
 
-DEFAULT_CONFIGS = ("euler", "euler_ckpt", "midpoint", "leapfrog", "midpoint_a", "hamiltonian", "midpoint_stored")
-
 
 def reversible_names() -> list[str]:
     return sorted(k for k, v in DYNAMICS.items() if v.reversible)

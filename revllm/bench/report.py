@@ -91,7 +91,7 @@ def _cell(row: dict, key: str, fmt) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    return "\n".join(globals()[f"_md_{result['table']}"](result)) + "\n"
+    return "\n".join(_RENDERERS[result["table"]](result)) + "\n"
 
 
 def _md_memory(result):
@@ -225,6 +225,10 @@ def _md_capacity(result):
         out.append(f"| {r['layers']} | ({config_kind(r['config'])}) {r['config']} | {budget} | {mb} | {tps} | {va} | {vb} | {paper} |")
     out += ["", "Paper: bf16 on one GPU, sequence length not stated in the paper; ours: the setup line above."]
     return out
+
+
+_RENDERERS = {"memory": _md_memory, "speed": _md_speed, "capacity": _md_capacity, "finetune": _md_finetune,
+              "allocator": _md_allocator}  # one per table in TABLES
 
 
 # -- plots --------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def run(job: dict) -> dict:
         out["ok"] = True
     except _OverBudget as e:
         out.update(ok=False, reason="model_over_budget", detail=str(e))
-    except Exception as e:  # noqa: BLE001 - any failure is a result to record, OOM or not
+    except Exception as e:  # broad on purpose: any failure is a result to record, OOM or not
         if not _is_oom(e):
             raise
         out.update(ok=False, reason="oom", detail=" ".join(str(e).split())[:300])
@@ -166,7 +166,7 @@ def _finetune(job: dict, budget: int | None) -> dict:
         out["ok"] = True
     except _OverBudget as e:
         out = {"ok": False, "reason": "model_over_budget", "detail": str(e)}
-    except Exception as e:  # noqa: BLE001 - an OOM is a result to record
+    except Exception as e:  # broad on purpose: an OOM is a result to record
         if not _is_oom(e):
             raise
         out = {"ok": False, "reason": "oom", "detail": " ".join(str(e).split())[:300]}
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = run(json.loads(argv[0]))
-    except Exception as e:  # noqa: BLE001 - reported to the driver as one JSON line
+    except Exception as e:  # broad on purpose: reported to the driver as one JSON line
         result = {"ok": False, "reason": "error", "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         traceback.print_exc()
     print(PREFIX + json.dumps(result), flush=True)

@@ -38,11 +38,6 @@ def positive_float(s: str) -> float:
     return v
 
 
-def explicit_keys(args, names) -> dict:
-    """The flags the user actually gave (their argparse default is None)."""
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
 # The conversion's defaults (finetune applies them only when it converts SRC itself).
 DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point")
 

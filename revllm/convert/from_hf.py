@@ -28,7 +28,6 @@ from ..modeling import RevLLMConfig, RevLLMForCausalLM
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-RETROFIT = ("midpoint", "leapfrog", "hamiltonian")
 
 
 def _supported_list() -> str:

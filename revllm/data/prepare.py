@@ -132,6 +132,22 @@ def held_out(i: int, fraction: float) -> bool:
     return int((i + 1) * fraction) > int(i * fraction)
 
 
+def _check_options(val_fraction: float, split: str) -> None:
+    if not 0.0 < val_fraction < 0.5:
+        raise RevLLMError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
+    if split not in ("block", "document"):
+        raise RevLLMError(f"split={split!r} is unknown; allowed: block, document")
+
+
+def _check_counts(counts: dict, n_docs: int, sources, split: str, val_fraction: float) -> None:
+    """Refuse inputs that gave no text, or too few documents for a by-document split."""
+    if counts["train"] < 2 or sum(counts.values()) <= n_docs:
+        raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
+    if split == "document" and counts["val"] == 0:
+        raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
+                          f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
+
+
 def _publish(out: Path, tmp: dict, tok, meta: dict) -> None:
     """Everything is written beside the old files first; then meta.json goes (the dir reads as incomplete),
     the renames happen, and the new meta.json comes last: a token dir without meta.json is incomplete."""
@@ -149,10 +165,7 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
                    split="block") -> dict:
     """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
     ``split``: ``block`` (a fraction of every 64k-token block) or ``document`` (whole documents held out)."""
-    if not 0.0 < val_fraction < 0.5:
-        raise RevLLMError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
-    if split not in ("block", "document"):
-        raise RevLLMError(f"split={split!r} is unknown; allowed: block, document")
+    _check_options(val_fraction, split)
     sources = _expand(inputs)
     tok = load_tokenizer(tokenizer)
     ident = tokenizer_identity(tok, str(tokenizer))
@@ -200,11 +213,7 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
             flush(final=True)
         for f in files.values():
             f.close()
-        if counts["train"] < 2 or sum(counts.values()) <= n_docs:
-            raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
-        if split == "document" and counts["val"] == 0:
-            raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
-                              f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
+        _check_counts(counts, n_docs, sources, split, val_fraction)
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
                 "val_fraction": val_fraction, "split": split, "requested": [str(p) for p in inputs],

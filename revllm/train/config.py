@@ -66,7 +66,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if not self.data and not self.resume:  # --resume takes it from the checkpoint
             raise RevLLMError("--data is required (a token directory from `revllm data`)")
         if not self.out:
