@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_smollm2 import kjv_text  # noqa: E402
 
-from revllm.assets import smollm2_model_dir  # noqa: E402
+from revllm.io import save_model_atomic, smollm2_model_dir  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.o1 import O1DistillLoss, auto_hard_layers, calibrate, parse_hard_layers  # noqa: E402
 from revllm.eval import evaluate_perplexity  # noqa: E402
@@ -120,7 +120,7 @@ def run(args):
             _write_json(RUNS / f"{args.name}.json", res)
             print(args.name, res["curve"][-1], flush=True)
     if args.save:  # the final student, for `revllm eval` (zero-shot tasks)
-        from revllm.convert.from_hf import save_model_atomic
+
 
         save_model_atomic(model.eval(), args.save)
 
@@ -134,7 +134,7 @@ def _write_json(path, obj):
 
 # -- cost: saved bytes at 30 layers and step time relative to ordinary fine-tuning --------------------------
 def cost(args):
-    from revllm.bench.configs import SavedBytes
+    from revllm.memory import SavedBytes
     from revllm.convert.distill import DistillLoss
 
     orig, held, train = load(args)

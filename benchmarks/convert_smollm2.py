@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch  # noqa: E402
+import torch
 
-from revllm.bench.configs import SavedBytes, max_rss_bytes, rss_bytes  # noqa: E402
-from revllm.assets import smollm2_model_dir  # noqa: E402
-from revllm.convert import convert  # noqa: E402
-from revllm.convert.distill import AnnealA, DistillLoss  # noqa: E402
-from revllm.eval import evaluate_perplexity, kl_divergence  # noqa: E402
+from revllm.convert import convert
+from revllm.convert.distill import AnnealA, DistillLoss
+from revllm.eval import evaluate_perplexity, kl_divergence
+from revllm.io import smollm2_model_dir
+from revllm.memory import SavedBytes, rss_bytes
+from revllm.memory import peak_rss_bytes as max_rss_bytes
 
 OUT = Path(os.environ.get("REVLLM_BENCH_OUT", Path(__file__).parent / "results"))  # probes write elsewhere
 

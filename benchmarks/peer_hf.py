@@ -32,8 +32,9 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from revllm.bench.configs import SavedBytes, machine  # noqa: E402
-from revllm.convert import convert  # noqa: E402
+from revllm.bench.configs import machine
+from revllm.convert import convert
+from revllm.memory import SavedBytes
 
 SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
              vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -132,7 +133,8 @@ def memory(model, ids, amp: dict) -> dict:
 
 def profile(model, ids, amp: dict, top: int) -> list[dict]:
     """Top ops of one step by self time (share of the step's total self time, and call counts)."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
     with prof(activities=acts) as p:
@@ -154,7 +156,7 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
         m.to(device)
     bar = tqdm(total=(args.warmup + 1 + args.rounds + args.profile) * len(names), desc=f"{layers} layers", unit="step")
 
-    def each(what, fn):
+    def each(what, fn, models=models):  # bound here: run_depth deletes its name after the last call
         out = {}
         for n in names:
             bar.set_postfix_str(f"{what} {n}")

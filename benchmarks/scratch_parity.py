@@ -33,7 +33,6 @@ import ctypes
 import fcntl
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from revllm.errors import RevLLMError  # noqa: E402
+from revllm.errors import RevLLMError
 
 RULES = ("euler", "euler_ckpt", "midpoint", "leapfrog", "midpoint_a", "hamiltonian")
 REVERSIBLE = ("midpoint", "leapfrog", "midpoint_a", "hamiltonian")
@@ -309,10 +308,10 @@ def worker(spec_path: str) -> int:
     import torch
 
     import revllm
+    from revllm import io as ckpt_io
     from revllm.eval.harness import run_tasks
     from revllm.eval.perplexity import evaluate_perplexity, read_token_dir
     from revllm.train import build_config, train
-    from revllm.train import checkpoint as ckpt_io
 
     spec = json.loads(Path(spec_path).read_text())
     run = Path(spec["run_dir"])
@@ -432,7 +431,7 @@ def fmt(mean, spread, digits=3, n=None):
 def table_rows(groups: dict) -> list[str]:
     rows = []
     order = lambda kv: (kv[0][1], kv[0][2], kv[0][0], RULES.index(kv[0][3]), stats(kv[1], "val_loss")[0])  # noqa: E731
-    for (label, fam, layers, rule, settings), runs in sorted(groups.items(), key=order):
+    for (label, _fam, _layers, rule, settings), runs in sorted(groups.items(), key=order):
         n = len(runs)
         vl, vs = stats(runs, "val_loss")
         tps, _ = stats(runs, "tokens_per_s")
@@ -488,7 +487,7 @@ def verdicts(groups: dict) -> list[str]:
 
 def write_markdown(path: Path, results: dict) -> None:
     s = results["setup"]
-    lines = [f"# From-scratch parity (issue 17)\n",
+    lines = ["# From-scratch parity (issue 17)\n",
              f"Command: `{results['command']}`  ",
              f"Machine: {s['machine']}. Corpus: {s['corpus']}; {s['train_tokens']:,} train / {s['val_tokens']:,} "
              f"val tokens, validation held out by document ({s['documents']} documents, every "
@@ -648,7 +647,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(todo)} {spec['id']} ...", flush=True)
         res = run_one(spec, args, data, out)
         if res["status"] == "partial":
-            print(f"    stopped early (partial; rerun to resume)", flush=True)
+            print("    stopped early (partial; rerun to resume)", flush=True)
             return 3
         results["runs"][spec["id"]] = {k: v for k, v in spec.items() if k != "vocab_size"} | res | {
             "command": results["command"]}  # the header's command is the latest invocation's

@@ -25,9 +25,10 @@ from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import revllm  # noqa: E402
-from revllm.parallel import install_fsdp2_recompute_hooks, load_sharded, save_sharded  # noqa: E402
-from torchrun_train import global_batch, load_tokens  # noqa: E402  (same data and sampler)
+from torchrun_train import global_batch, load_tokens  # same data and sampler
+
+import revllm
+from revllm.parallel import install_fsdp2_recompute_hooks, load_sharded, save_sharded
 
 
 def main(argv=None):

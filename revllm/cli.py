@@ -13,7 +13,9 @@ import os
 import pkgutil
 import sys
 
-from . import commands
+from . import __version__, commands
+from .commands.common import offline
+from .commands.lm_eval import run_cli
 from .errors import RevLLMError
 from .memory import OPT_OUT_ENV, configure_allocator
 
@@ -37,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="revllm", description="Reversible LLMs: memory-free training and fine-tuning (arXiv 2512.02056)."
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"revllm {__version__}")
     parser.add_argument("--no-allocator-tuning", action="store_true",
                         help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)")
@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval's own flags, unchanged: they never meet revllm's parser
-        from .commands.lm_eval import run_cli
-
         try:
             return run_cli(argv[1:])
         except RevLLMError as e:
@@ -68,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.no_allocator_tuning:
         os.environ[OPT_OUT_ENV] = "0"  # also for the processes a command starts (demo, bench rows)
+    # The program, not the library, decides that nothing reaches a model hub: library functions use
+    # local_files_only=True and never write the environment; this process (and what it starts) runs offline.
+    offline()
     configure_allocator()  # before models load: see revllm/memory.py
     try:
         code = int(args.func(args) or 0)

@@ -1,4 +1,8 @@
 """User-facing errors: the CLI prints them as one line and exits nonzero (no traceback)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 class RevLLMError(Exception):
@@ -11,9 +15,6 @@ class CheckpointError(RevLLMError):
 
 def read_json(path, missing: str, error: type[RevLLMError] = RevLLMError):
     """Parse a JSON file that revllm wrote; a missing or corrupted file is a one-line ``error``."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise error(missing)

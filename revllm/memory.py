@@ -12,6 +12,9 @@ dynamic adjustment) puts every large tensor in its own mapping, returned to the 
 it does nothing when ``REVLLM_ALLOCATOR_TUNING=0``, when any ``MALLOC_*`` tunable (or ``GLIBC_TUNABLES``)
 is set in the environment, or when another allocator (jemalloc, tcmalloc, mimalloc) is preloaded.
 This module is on the ground floor: it imports nothing from revllm.
+
+The instruments live here too: ``rss_bytes`` / ``peak_rss_bytes`` / ``reset_peak_rss`` / ``vm_bytes`` (the
+process), ``cpu_seconds`` (its CPU time), and ``SavedBytes`` (the bytes autograd keeps for backward).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import ctypes
 import ctypes.util
 import os
 import resource
+
+import torch
 
 OPT_OUT_ENV = "REVLLM_ALLOCATOR_TUNING"
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -115,8 +120,56 @@ def peak_memory(device: str = "cpu") -> dict:
     """Whole-process peaks: CPU ``peak_rss_bytes``; CUDA adds torch's allocated and reserved peaks."""
     out = {"peak_rss_bytes": peak_rss_bytes()}
     if device == "cuda":
-        import torch
-
         out.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
                    cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
     return out
+
+
+def vm_bytes() -> int:
+    """Current virtual memory size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): a load-independent cost measure on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward, counted as unique storages seen by the pack hook.
+
+    Parameters are excluded (they exist whether or not a backward follows). A memory-free stack is one
+    ``autograd.Function``: what its ``save_for_backward`` keeps is exactly what is counted for it.
+    Non-reentrant checkpointing saves its inputs through a Function too, so (b) is counted correctly.
+    """
+
+    def __init__(self, *models):
+        # Weights are excluded by storage, not type (linear layers save views such as ``weight.t()``).
+        # FSDP2 parameters are DTensors whose local shard owns the storage; the root's gathered copy that
+        # FSDP2 keeps through the forward is counted, as it is held for the backward.
+        self.exclude = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr()
+                        for m in models for p in m.parameters()}
+        self.storages: dict[int, int] = {}
+        self.tensors = 0
+
+    def _pack(self, t):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        self.tensors += 1
+        if ptr and ptr not in self.exclude:
+            self.storages[ptr] = max(self.storages.get(ptr, 0), s.nbytes())
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
+from conftest import tiny_model
 
-from revllm.parallel import gradient_sync, init_distributed, load_sharded, parallelize, save_sharded  # noqa: E402
+from revllm.parallel import gradient_sync, init_distributed, load_sharded, parallelize, save_sharded
 
 B, T, V = 4, 12, 97
 

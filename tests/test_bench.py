@@ -4,12 +4,13 @@ import json
 import statistics
 
 import pytest
-import torch
 
 from revllm import cli
-from revllm.bench import capacity, configs, memory, report, speed, worker
-from revllm.bench.configs import SavedBytes, Spec, build_model, make_batch, parse_bytes, parse_config, parse_ints
+from revllm.bench import capacity, configs, memory, process, report, speed, worker
+from revllm.bench.configs import Spec, build_model, make_batch, parse_bytes, parse_config, parse_ints
 from revllm.errors import RevLLMError
+from revllm.io import atomic_write
+from revllm.memory import SavedBytes
 
 TINY = dict(d=32, heads=4, seq=16, batch=2, vocab=64, loss_chunk=8)
 
@@ -48,7 +49,7 @@ def test_saved_bytes_excludes_parameters():
 def test_worker_prints_one_json_line(capsys):
     job = {"task": "memory", **Spec(config="leapfrog", layers=2, **TINY).to_dict()}
     assert worker.main([json.dumps(job)]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(worker.PREFIX)]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(worker.PREFIX)]
     assert len(lines) == 1
     res = json.loads(lines[0][len(worker.PREFIX):])
     assert res["ok"] and res["config"] == "leapfrog" and res["saved_bytes"] > 0 and res["peak_bytes"] > 0
@@ -69,10 +70,10 @@ def test_worker_unknown_task_reports_error(capsys):
 @pytest.mark.slow
 def test_spawn_runs_a_fresh_process_and_a_budgeted_probe():
     spec = Spec(config="midpoint", layers=2, **TINY).to_dict()
-    res = worker.spawn({"task": "probe", **spec, "budget_bytes": 8 * 2**30}, timeout=300)
+    res = process.spawn({"task": "probe", **spec, "budget_bytes": 8 * 2**30}, timeout=300)
     assert res["ok"] and res["step_seconds"] > 0 and res["peak_bytes"] < 8 * 2**30
     # A budget between the model's resident size and its step: the step must fail, not the machine.
-    res = worker.spawn({"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20}, timeout=300)
+    res = process.spawn({"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20}, timeout=300)
     assert not res["ok"] and res["reason"] in ("oom", "over_budget")
 
 
@@ -213,7 +214,7 @@ def test_merge_keeps_the_name_and_report_never_rewrites_a_json(tmp_path):
     b = {**memory.memory_table(["midpoint"], [2], Spec(**TINY), worker=fake_worker), "name": "sweep"}
     assert report.merge([a, b])["name"] == "sweep"
     other = {**a, "rows": [{**a["rows"][0], "saved_bytes": 12345}]}
-    report.atomic_write(tmp_path / "memory_cpu_old.json", json.dumps(other))
+    atomic_write(tmp_path / "memory_cpu_old.json", json.dumps(other))
     report.save(a, tmp_path)  # sweep_<tag>.json
     before = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
     report.rebuild(tmp_path)
@@ -229,7 +230,7 @@ def test_parse_ints_sorts_and_refuses_repeats():
 
 def test_capacity_resume_refuses_another_setup(tmp_path, capsys):
     prev = capacity.capacity_table(["euler"], [2], Spec(**TINY), budget=2**30, worker=fake_worker)
-    report.atomic_write(tmp_path / "prev.json", json.dumps(prev))
+    atomic_write(tmp_path / "prev.json", json.dumps(prev))
     argv = ["bench", "capacity", "--configs", "euler", "--depths", "2", "--d", str(TINY["d"] * 2), "--heads",
             str(TINY["heads"]), "--seq", str(TINY["seq"]), "--vocab", str(TINY["vocab"]), "--memory-budget", "1GiB",
             "--resume", str(tmp_path / "prev.json"), "--out", str(tmp_path / "o")]
@@ -258,10 +259,14 @@ def test_atomic_write_leaves_no_temp_and_a_readable_file(tmp_path):
     import stat
 
     target = tmp_path / "r" / "t.json"
-    report.atomic_write(target, '{"a": 1}\n')
-    report.atomic_write(target, '{"a": 2}\n')  # replaces
+    atomic_write(target, '{"a": 1}\n')
+    atomic_write(target, '{"a": 2}\n')  # replaces
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in target.parent.iterdir()] == ["t.json"]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_every_table_has_its_renderer():
+    assert set(report._RENDERERS) == set(report.TABLES)

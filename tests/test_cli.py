@@ -12,8 +12,8 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir  # noqa: F401
 
+from revllm import io as rio
 from revllm.cli import main
-from revllm.train import checkpoint as ckpt_io
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
@@ -103,7 +103,7 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
     assert main(["train", "--data", str(empty), "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "is empty" in _err(capsys)
     # a truncated safetensors file in the newest checkpoint: generate refuses it, resume falls back
-    newest = ckpt_io.list_checkpoints(run)[-1]
+    newest = rio.list_checkpoints(run)[-1]
     with open(newest / "model" / "model.safetensors", "r+b") as f:
         f.truncate(64)
     assert main(["generate", str(newest), "--prompt", "x", "--greedy", "--max-new-tokens", "2"]) == 2
@@ -112,9 +112,9 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
                  "--no-progress"]) == 0
     assert "is corrupted (" in capsys.readouterr().err
     # resumed from step 1 (the good one); step 2 was redone and replaced the corrupted copy; keep_last=2
-    assert [c.name for c in ckpt_io.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
-    for c in ckpt_io.list_checkpoints(run):
-        ckpt_io.verify(c)
+    assert [c.name for c in rio.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
+    for c in rio.list_checkpoints(run):
+        rio.verify(c)
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_kill9_then_resume_bit_identical(tmp_path, token_dir):
     assert r.returncode == 0, r.stderr
     full = tmp_path / "full"
     assert main(["train", "--out", str(full), *map(str, args)]) == 0
-    a, b = ckpt_io.load_model(killed).state_dict(), ckpt_io.load_model(full).state_dict()
+    a, b = rio.load_model(killed).state_dict(), rio.load_model(full).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

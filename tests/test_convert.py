@@ -426,7 +426,7 @@ def test_bad_finetune_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_save_model_atomic_recovers_from_an_interrupted_earlier_save(tmp_path):
-    from revllm.convert.from_hf import save_model_atomic
+    from revllm.io import save_model_atomic
 
     rev = convert(tiny_hf("llama", dtype=torch.float32), k=3)
     stale = tmp_path / ".model.old"
@@ -441,7 +441,7 @@ def test_save_model_atomic_recovers_from_an_interrupted_earlier_save(tmp_path):
 def test_real_smollm2_euler_conversion_matches_and_generates():
     """The real SmolLM2-135M-Instruct (cached fp32 copy of the GGUF): euler reproduces it; near-Euler stays close."""
     try:
-        from revllm.assets import smollm2_model_dir
+        from revllm.io import smollm2_model_dir
 
         d = smollm2_model_dir()
     except RevLLMError as e:
@@ -476,16 +476,16 @@ def _report_oracle(src, conv, ids, win):
                 continue
             lp = F.log_softmax(src(w).logits[0].double(), -1)
             lq = F.log_softmax(conv(w).logits[0].double(), -1)
-            for k, l in (("src", lp), ("conv", lq)):
-                ce[k] -= l[:-1].gather(1, w[0, 1:, None]).sum().item()
+            for k, logp in (("src", lp), ("conv", lq)):
+                ce[k] -= logp[:-1].gather(1, w[0, 1:, None]).sum().item()
             kl += (lp.exp() * (lp - lq)).sum().item()
             n_pred, n_pos = n_pred + w.shape[1] - 1, n_pos + w.shape[1]
     return math.exp(ce["src"] / n_pred), math.exp(ce["conv"] / n_pred), kl / n_pos
 
 
 def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
+    import importlib
     import json
-    import sys
 
     from revllm.cli import main as cli_main
 
@@ -497,7 +497,7 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     # In memory: saved next to a qwen2 config, AutoTokenizer would load it as Qwen2's own tokenizer class.
-    monkeypatch.setattr(sys.modules["revllm.convert"], "load_source_tokenizer",
+    monkeypatch.setattr(importlib.import_module("revllm.commands.convert"), "load_source_tokenizer",
                         lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
@@ -540,8 +540,8 @@ def test_final_norm_is_found_through_ddp_around_peft():
 def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch):
     """The report's default window (128) is capped at a 64-position model's table (it was an IndexError);
     a larger --seq-len and a --report-tokens below 2 get one-line errors."""
+    import importlib
     import json
-    import sys
 
     from revllm.cli import main as cli_main
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -551,7 +551,7 @@ def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch)
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     # In memory: saved next to a gpt2 config, AutoTokenizer would load it as GPT-2's own tokenizer class.
-    monkeypatch.setattr(sys.modules["revllm.convert"], "load_source_tokenizer", lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
+    monkeypatch.setattr(importlib.import_module("revllm.commands.convert"), "load_source_tokenizer", lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
     assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c2"), "--report-text", str(text)]) == 0

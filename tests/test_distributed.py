@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir  # noqa: F401  (revllm train fixtures)
 
@@ -120,10 +119,10 @@ def test_two_process_dcp_checkpoint_reloads_in_one_process(training, mode):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_finetune_under_torchrun_matches_one_process(training, token_dir, tmp_path, mode):
     # revllm.convert.finetune.finetune on 2 processes x 2 rows vs 1 process x 4 rows (same global batch).
+    from dist_worker import FINETUNE, finetune_model
+
     import revllm
     from revllm.convert.finetune import finetune
-
-    from dist_worker import FINETUNE, finetune_model
 
     ref = finetune(finetune_model(), token_dir, tmp_path / "ft", **dict(FINETUNE, batch_size=4))["model"].state_dict()
     two = revllm.RevLLMForCausalLM.from_pretrained(training["dir"] / "ckpt" / f"ft-{mode}" / "model").state_dict()
@@ -225,8 +224,10 @@ def _rows(run):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, token_dir, mode):
-    from revllm.train import load_model, train
     from pipeline_fixtures import tiny_train_config  # noqa: F811
+
+    from revllm.io import load_model
+    from revllm.train import train
 
     common = ["--data", token_dir, "--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32,
               "--max-steps", 4, "--warmup", 2, "--lr", 3e-3, "--eval-interval", 2, "--eval-iters", 2,

@@ -1,10 +1,9 @@
 """The reversible engine against ordinary autograd on the same model (float64, tight tolerances)."""
 import pytest
 import torch
-from torch import nn
-
 from conftest import FAMILIES, REVERSIBLE, tiny_model
-from revllm.bench.configs import SavedBytes
+
+from revllm.memory import SavedBytes
 
 
 def _grads(model, ids, memory_free, seed):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from revllm.cli import main
 from revllm.eval import evaluate_perplexity, kl_divergence
 
@@ -285,7 +285,7 @@ def test_kl_runs_both_models_without_dropout_and_keeps_their_modes():
 def test_cli_eval_warns_when_the_data_has_another_tokenizer(model_dir, tmp_path):
     import warnings
 
-    from revllm.data.prepare import tokenizer_identity
+    from revllm.io import tokenizer_identity
 
     path, _ = model_dir
     data = tmp_path / "tok"

@@ -4,7 +4,6 @@ euler conversion reproduces the source model's logits, every weight lands (untie
 import numpy as np
 import pytest
 import torch
-
 from hf_tiny import tiny_hf
 
 gguf = pytest.importorskip("gguf", reason="the convert extra (pip install revllm[convert]) is not installed")
@@ -58,7 +57,7 @@ def test_gguf_converts_to_the_same_function(tmp_path):
     with torch.no_grad():
         assert (rev(ids).logits - src(ids).logits).abs().max() <= 1e-5
     # `revllm eval/generate` name a .gguf directly: load_model reads it with transformers' loader
-    from revllm.train.checkpoint import load_model
+    from revllm.io import load_model
 
     plain = load_model(path)
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in src.state_dict().items())
@@ -68,7 +67,7 @@ def test_gguf_converts_to_the_same_function(tmp_path):
 
 
 def test_missing_gguf_file_is_refused(tmp_path):
-    from revllm.convert.from_hf import load_source
+    from revllm.io import load_source
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_source(tmp_path / "nope.gguf")

@@ -14,10 +14,12 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir  # noqa: F401
 
+from revllm import io as rio
 from revllm.cli import main
 from revllm.errors import RevLLMError
+from revllm.io import load_model
 from revllm.train import checkpoint as ckpt_io
-from revllm.train import causal_lm_loss, load_model, train
+from revllm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
@@ -36,7 +38,7 @@ def _rows(run):
 
 
 def _all_finite(run):
-    for c in ckpt_io.list_checkpoints(run):
+    for c in rio.list_checkpoints(run):
         sd = load_model(c).state_dict()  # refuses non-finite weights itself
         assert all(torch.isfinite(v).all() for v in sd.values()), c
 
@@ -44,9 +46,9 @@ def _all_finite(run):
 # -- 1. non-finite checkpoints --------------------------------------------------------------------
 def test_nonfinite_counts_nan_and_inf_not_large_values():
     ts = [torch.ones(3), torch.tensor([1e38, -3e38]), torch.full((5,), 1e30), torch.zeros(0), torch.arange(3)]
-    assert ckpt_io.nonfinite(ts) == 0  # huge finite values do not overflow a max-abs reduction
+    assert rio.nonfinite(ts) == 0  # huge finite values do not overflow a max-abs reduction
     ts += [torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")], dtype=torch.bfloat16)]
-    assert ckpt_io.nonfinite(ts) == 2
+    assert rio.nonfinite(ts) == 2
 
 
 def test_parameters_poisoned_after_a_finite_loss_are_never_saved(tmp_path, token_dir):
@@ -70,7 +72,7 @@ def test_parameters_poisoned_after_a_finite_loss_are_never_saved(tmp_path, token
     finally:
         handle.remove()
     assert calls["n"] == 2
-    assert [c.name for c in ckpt_io.list_checkpoints(run)] == ["step_00000001"]
+    assert [c.name for c in rio.list_checkpoints(run)] == ["step_00000001"]
     _all_finite(run)
 
 
@@ -81,12 +83,13 @@ def test_cli_lr_1e6_stops_with_a_good_checkpoint_and_eval_generate_refuse_nan(tm
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("revllm train: error: ") and "training stopped" in last
-    saved = ckpt_io.list_checkpoints(run)
+    saved = rio.list_checkpoints(run)
     assert f"last good checkpoint: {saved[-1] if saved else 'none'}" in last
     _all_finite(run)
     # a model with NaN weights (as the old code saved them): generate and eval refuse it in one line
-    import revllm
     from conftest import tiny_config
+
+    import revllm
 
     model = revllm.RevLLMForCausalLM(tiny_config(vocab_size=300))
     with torch.no_grad():
@@ -112,8 +115,8 @@ def test_full_disk_during_save_is_one_line_and_keeps_earlier_checkpoints(tmp_pat
     r = _cli("train", *common, "--resume", "--max-steps", "3", preexec_fn=limit)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("revllm train: error: could not save checkpoint step 2 (")
-    assert [c.name for c in ckpt_io.list_checkpoints(run)] == ["step_00000001"]
-    ckpt_io.verify(run / "checkpoints/step_00000001")
+    assert [c.name for c in rio.list_checkpoints(run)] == ["step_00000001"]
+    rio.verify(run / "checkpoints/step_00000001")
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
@@ -312,10 +315,10 @@ def test_revllm_lm_eval_runs_lm_evals_cli_on_a_saved_model(tmp_path, tiny_tokeni
     `revllm lm-eval` with the same arguments runs lm-eval's CLI on it, no device flag, no remote code."""
     import json
 
-    import revllm
     from conftest import tiny_config
     from transformers import AutoTokenizer
 
+    import revllm
     from revllm.eval.harness import _render_builtin
 
     model_dir, tasks, out = tmp_path / "model", tmp_path / "tasks", tmp_path / "out"

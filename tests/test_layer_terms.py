@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, REVERSIBLE, tiny_model
-from revllm.bench.configs import SavedBytes
+from revllm.memory import SavedBytes
 
 
 def _targets(layers, shape, seed=3):

@@ -75,7 +75,7 @@ def test_tokenizer_mismatch_is_refused_naming_both(tmp_path):
     (data / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(RevLLMError, match="'other-tokenizer'.*'my-source'"):
         check_tokens_match(data, tok, "my-source")
-    from revllm.data.prepare import tokenizer_identity
+    from revllm.io import tokenizer_identity
 
     meta["tokenizer"]["sha256"] = tokenizer_identity(tok, "x")["sha256"]
     (data / "meta.json").write_text(json.dumps(meta))

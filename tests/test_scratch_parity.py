@@ -121,7 +121,7 @@ def test_document_split_holds_out_whole_documents(tmp_path, monkeypatch):
                                   split="document", progress=False)
     assert meta["split"] == "document" and meta["documents"] == 25
 
-    from revllm.train.checkpoint import load_tokenizer
+    from revllm.io import load_tokenizer
 
     t = load_tokenizer(tmp_path / "data" / "tokenizer")
     sep = meta["tokenizer"]["separator_id"]

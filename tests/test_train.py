@@ -6,8 +6,10 @@ import pytest
 import torch
 from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir, train_tokenizer  # noqa: F401
 
+from revllm import io as rio
 from revllm.errors import CheckpointError, RevLLMError
-from revllm.train import build_config, causal_lm_loss, load_model, train
+from revllm.io import load_model
+from revllm.train import build_config, causal_lm_loss, train
 from revllm.train import checkpoint as ckpt_io
 
 
@@ -27,7 +29,7 @@ def test_train_writes_run(tmp_path, token_dir):
     # A uniform guess over the 300-token vocabulary scores ln 300 = 5.70 (where the untrained model starts);
     # 6 steps reach ~5.2. 0.3 below uniform: a model that did not learn (or a broken loss) cannot pass.
     assert s["steps"] == 6 and s["val_loss"] < math.log(300) - 0.3 and s["memory_free"]
-    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000006"]  # keep_last=1
+    assert [p.name for p in rio.list_checkpoints(run)] == ["step_00000006"]  # keep_last=1
     assert (run / "metrics.csv").read_text().count("\n") == 7 and (run / "tb").is_dir()
     for k in ("tokens_per_s", "activation_mb", "peak_mb", "params"):
         assert s[k] > 0
@@ -73,17 +75,17 @@ def test_run_stopped_by_stop_after_resumes_to_max_steps(tmp_path, token_dir):
 def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir, capsys):
     run = tmp_path / "run"
     train(tiny_train_config(token_dir, run))
-    good, bad = ckpt_io.list_checkpoints(run)
+    good, bad = rio.list_checkpoints(run)
     st = bad / "model" / "model.safetensors"
     data = bytearray(st.read_bytes())
     data[-10] ^= 0xFF
     st.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
-        ckpt_io.verify(bad)
+        rio.verify(bad)
     with pytest.raises(CheckpointError, match="corrupted"):
         load_model(bad)
     capsys.readouterr()
-    assert ckpt_io.latest_good(run) == good
+    assert rio.latest_good(run) == good
     # one plain line (no warning category, no source path)
     assert capsys.readouterr().err == ("checkpoint step_00000006 is corrupted (model/model.safetensors does not match "
                                        "its sha256); resuming from step_00000003\n")
@@ -94,7 +96,7 @@ def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir, capsys):
     assert "no good checkpoint is left" in capsys.readouterr().err
     (tmp_path / "empty" / "checkpoints" / "step_00000001").mkdir(parents=True)  # no manifest: incomplete
     with pytest.raises(CheckpointError, match="incomplete"):
-        ckpt_io.verify(tmp_path / "empty" / "checkpoints" / "step_00000001")
+        rio.verify(tmp_path / "empty" / "checkpoints" / "step_00000001")
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, token_dir):
@@ -108,8 +110,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, token_dir):
     run = tmp_path / "run"
     with pytest.raises(RevLLMError, match=r"loss is nan at step 5.*step_00000003"):
         train(tiny_train_config(token_dir, run), loss_fn=loss_fn)
-    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000003"]
-    ckpt_io.verify(ckpt_io.list_checkpoints(run)[0])
+    assert [p.name for p in rio.list_checkpoints(run)] == ["step_00000003"]
+    rio.verify(rio.list_checkpoints(run)[0])
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, token_dir, monkeypatch):
@@ -128,9 +130,9 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, token_dir, monkeypatch):
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
         train(tiny_train_config(token_dir, run, keep_last=1))
-    ckpts = ckpt_io.list_checkpoints(run)
+    ckpts = rio.list_checkpoints(run)
     assert [p.name for p in ckpts] == ["step_00000003"]
-    ckpt_io.verify(ckpts[0])
+    rio.verify(ckpts[0])
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -160,7 +162,7 @@ def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
     s = train(tiny_train_config(token_dir, tmp_path / "ft", init_from=str(run), max_steps=2))  # same tokenizer: fine
     assert s["steps"] == 2
     other = tmp_path / "other_model"
-    shutil.copytree(ckpt_io.resolve_model_dir(run), other)
+    shutil.copytree(rio.resolve_model_dir(run), other)
     for f in other.glob("tokenizer*"):
         f.unlink()
     train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
@@ -223,7 +225,7 @@ def test_keep_last_never_prunes_good_checkpoints_for_a_newer_corrupted_one(tmp_p
     train(tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
           explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"})
     assert "checkpoint step_00000006 is corrupted" in capsys.readouterr().err
-    assert ckpt_io.latest_good(run).name == "step_00000004"
+    assert rio.latest_good(run).name == "step_00000004"
     assert "resuming from step_00000004" in capsys.readouterr().err
 
 

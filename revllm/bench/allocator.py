@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .configs import Spec
 from .memory import envelope
-from .worker import spawn
+from .process import spawn
 
 
 def allocator_table(configs, depths, base: Spec, steps: int, preloads: dict, threads=None, command="",

@@ -7,14 +7,14 @@ is within that fraction of the best batch (0 = exact), which bounds the number o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 from ..errors import RevLLMError
 from .configs import Spec, config_kind
 from .memory import envelope
-from .worker import spawn
+from .process import spawn
 
 
 def search_max_batch(probe: Callable[[int], bool], start: int = 1, cap: int = 1 << 16,

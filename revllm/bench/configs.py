@@ -1,4 +1,4 @@
-"""Benchmark configurations, model construction, one training step, and the measuring instruments.
+"""Benchmark configurations, model construction, one training step, the machine (instruments: revllm.memory).
 
 Configuration names (see the package docstring for (a)-(d)):
   ``euler``            (a) standard residual, stored activations
@@ -16,16 +16,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..dynamics import DYNAMICS
 from ..errors import RevLLMError
-from ..memory import peak_rss_bytes as max_rss_bytes  # noqa: F401 - the process's peak RSS, for the bench modules
-from ..memory import rss_bytes  # noqa: F401
-
-DEFAULT_CONFIGS = ("euler", "euler_ckpt", "midpoint", "leapfrog", "midpoint_a", "hamiltonian", "midpoint_stored")
+from ..modeling import RevLLMConfig, RevLLMForCausalLM
 
 
 def reversible_names() -> list[str]:
-    from ..dynamics import DYNAMICS
-
     return sorted(k for k, v in DYNAMICS.items() if v.reversible)
 
 
@@ -135,9 +131,6 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
 
 def build_model(spec: Spec):
     """The benchmark model for ``spec``: gradients preallocated, train mode, on the device."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..modeling import RevLLMConfig, RevLLMForCausalLM
-
     dyn, memory_free, ckpt = parse_config(spec.config)
     cfg = RevLLMConfig(
         block=spec.block, dynamics=dyn, memory_free=memory_free, num_hidden_layers=spec.layers,
@@ -185,49 +178,6 @@ def train_step(model, ids, spec: Spec, optimizer=None):
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-class SavedBytes:
-    """Bytes autograd keeps for backward, counted as unique storages seen by the pack hook.
-
-    Parameters are excluded (they exist whether or not a backward follows). A memory-free stack is one
-    ``autograd.Function``: what its ``save_for_backward`` keeps is exactly what is counted for it.
-    Non-reentrant checkpointing saves its inputs through a Function too, so (b) is counted correctly.
-    """
-
-    def __init__(self, *models):
-        # Weights are excluded by storage, not type (linear layers save views such as ``weight.t()``).
-        # FSDP2 parameters are DTensors whose local shard owns the storage; the root's gathered copy that
-        # FSDP2 keeps through the forward is counted, as it is held for the backward.
-        self.exclude = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr()
-                        for m in models for p in m.parameters()}
-        self.storages: dict[int, int] = {}
-        self.tensors = 0
-
-    def _pack(self, t):
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-        self.tensors += 1
-        if ptr and ptr not in self.exclude:
-            self.storages[ptr] = max(self.storages.get(ptr, 0), s.nbytes())
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
-def vm_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def machine(device: str) -> dict:

@@ -20,7 +20,19 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from ..assets import cache_dir, smollm2_gguf
+from ..convert import convert
+from ..convert.finetune import add_lora
 from ..errors import RevLLMError
+from ..io import atomic_dir, smollm2_model_dir
+from ..memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..modeling import RevLLMForCausalLM
+from .memory import envelope
+from .process import spawn
 
 CONFIGS = {  # name -> (source, convert kwargs or None, checkpointing)
     "hf": ("hf", None, False),
@@ -46,9 +58,7 @@ def parse_names(text: str, known, what: str) -> list[str]:
 
 def max_positions() -> int:
     """SmolLM2's context length, read from the GGUF's metadata (no weights are loaded)."""
-    import gguf
-
-    from ..assets import smollm2_gguf
+    import gguf  # optional (the convert extra): only this metadata read needs it
 
     field = gguf.GGUFReader(str(smollm2_gguf())).fields["llama.context_length"]
     return int(field.parts[field.data[0]][0])
@@ -56,30 +66,20 @@ def max_positions() -> int:
 
 def converted_dir(config: str) -> Path:
     """The converted model of ``config``, saved once under the revllm cache (built atomically)."""
-    from ..assets import _atomic_dir, cache_dir, smollm2_model_dir
-
     source, kw, _ = CONFIGS[config]
     if source == "hf":
         return smollm2_model_dir()
     tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
 
     def build(tmp: Path):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from ..convert import convert
-
         hf = AutoModelForCausalLM.from_pretrained(smollm2_model_dir(), dtype=torch.float32)
         convert(hf, **kw).save_pretrained(tmp)
 
-    return _atomic_dir(cache_dir() / "bench" / f"smollm2-{tag}", build)
+    return atomic_dir(cache_dir() / "bench" / f"smollm2-{tag}", build, keep_existing=True)
 
 
 # -- one row, in the worker process ----------------------------------------------------------------------
 def _load(config: str, mode: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     source, _, ckpt = CONFIGS[config]
     path = converted_dir(config)
     if source == "hf":
@@ -87,24 +87,16 @@ def _load(config: str, mode: str):
         if ckpt:  # what an HF user turns on
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        from ..modeling import RevLLMForCausalLM
-
         model = RevLLMForCausalLM.from_pretrained(path, dtype=torch.float32)
         if ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
-        from ..convert.finetune import add_lora
-
         model = add_lora(model, r=LORA_R)
     return model.train()
 
 
 def run_row(job: dict, before_steps=lambda: None) -> dict:
     """Load, warm up, reset the peak, time ``steps`` steps; the worker's ``finetune`` task."""
-    import torch
-
-    from ..memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-
     config, mode, seq, batch = (job[k] for k in KEY)
     steps = int(job.get("steps", 1))
     out = {"torch_threads": torch.get_num_threads()}
@@ -156,12 +148,6 @@ def finetune_table(rows_plan, steps=1, budgets=(), limit=None, max_seconds=None,
                    worker=None, on_row=None) -> dict:
     """Run (or reuse from ``resume_rows``) every planned row; a configuration that ran out of memory or time
     at a smaller shape skips its larger ones, recorded with the reason."""
-    from tqdm import tqdm
-
-    from .configs import machine
-    from .memory import envelope
-    from .worker import spawn
-
     worker = worker or spawn
     done = {_key(r): r for r in resume_rows}
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None

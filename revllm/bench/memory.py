@@ -12,7 +12,7 @@ import time
 from tqdm import tqdm
 
 from .configs import Spec, machine, machine_tag
-from .worker import spawn
+from .process import spawn
 
 
 def _extrapolate(points: list[tuple[int, float]], x: int) -> float | None:

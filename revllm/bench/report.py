@@ -6,28 +6,22 @@ Markdown and PNG are rendered from it, so ``revllm bench report`` can rebuild th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from io import BytesIO
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from ..errors import RevLLMError
+from ..io import atomic_write
+from .allocator import growth_ratio, step_time_ratio
+from .capacity import relative
 from .configs import config_kind
+from .finetune import fits
 
 TABLES = ("memory", "speed", "capacity", "finetune", "allocator")
 # Paper (arXiv 2512.02056) Table 4: reversible over baseline throughput at max batch, d=512, 8 heads.
 PAPER_TABLE4 = {16: 20.7, 32: 24.1, 64: 48.8, 96: 101.0}
 MiB = 2**20
-
-
-def atomic_write(path: Path, data: str | bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a result file gets the usual mode
-    os.replace(tmp, path)
 
 
 def stem_of(result: dict) -> str:
@@ -97,7 +91,7 @@ def _cell(row: dict, key: str, fmt) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    return "\n".join(globals()[f"_md_{result['table']}"](result)) + "\n"
+    return "\n".join(_RENDERERS[result["table"]](result)) + "\n"
 
 
 def _md_memory(result):
@@ -135,8 +129,6 @@ def _md_memory(result):
 
 
 def _md_allocator(result):
-    from .allocator import growth_ratio, step_time_ratio
-
     rows, s = result["rows"], result["setup"]
     depths, variants = s["depths"], s["allocators"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
@@ -166,8 +158,6 @@ def _md_allocator(result):
 
 
 def _md_finetune(result):
-    from .finetune import fits
-
     rows, s = result["rows"], result["setup"]
     out = ["# Fine-tuning SmolLM2-135M-Instruct: peak memory and speed", ""] + _header(result)
     out += [f"Each row a fresh process: {s['warmup']}, then {s['steps']} timed step(s) (forward, backward, AdamW). "
@@ -237,20 +227,20 @@ def _md_capacity(result):
     return out
 
 
+_RENDERERS = {"memory": _md_memory, "speed": _md_speed, "capacity": _md_capacity, "finetune": _md_finetune,
+              "allocator": _md_allocator}  # one per table in TABLES
+
+
 # -- plots --------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> Path | None:
     if result["table"] in ("speed", "allocator"):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     if result["table"] == "finetune":
         modes = list(dict.fromkeys(r["mode"] for r in rows))
-        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+        fig = Figure(figsize=(5.5 * len(modes), 4.2))
+        axes = fig.subplots(1, len(modes), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             for c in configs:
                 pts = sorted((r["seq"], r["peak_bytes"] / MiB) for r in rows
@@ -262,7 +252,8 @@ def plot(result: dict, path: Path) -> Path | None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     elif result["table"] == "memory":
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig = Figure(figsize=(11, 4.2))
+        axes = fig.subplots(1, 2)
         for ax, key, title in [(axes[0], "saved_bytes", "bytes saved for backward"),
                                (axes[1], "peak_step_bytes", "peak step memory above model")]:
             for c in configs:
@@ -274,7 +265,8 @@ def plot(result: dict, path: Path) -> Path | None:
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=8)
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig = Figure(figsize=(11, 4.2))
+        axes = fig.subplots(1, 2)
         depths = sorted({r["layers"] for r in rows})
         width = 0.8 / max(len(configs), 1)
         for i, c in enumerate(configs):
@@ -289,11 +281,9 @@ def plot(result: dict, path: Path) -> Path | None:
     m = result["machine"]
     fig.suptitle(f"{result['table']} — {m.get('gpu', m['cpu'])} ({m['device']})", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=110)  # a Figure without pyplot: no backend, no global state
+    atomic_write(path, png.getvalue())
     return path
 
 
@@ -326,8 +316,6 @@ def merge(results: list[dict]) -> dict:
     configs = list(dict.fromkeys(k[0] for k in rows))
     merged_rows = sorted(rows.values(), key=lambda row: (configs.index(row["config"]), *(row[k] for k in key[1:])))
     if first["table"] == "capacity":
-        from .capacity import relative
-
         merged_rows = sorted(merged_rows, key=lambda row: row["layers"])
         relative(merged_rows)
     setup = dict(first["setup"])

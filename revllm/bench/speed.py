@@ -10,6 +10,7 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm
 
 from .configs import Spec, build_model, make_batch, preallocate_grads, sync, train_step
@@ -69,8 +70,6 @@ def speed_table(configs, batches, base: Spec, repeats=5, warmup=1, command="", p
 
 def _profile_step(spec: Spec, model, opt, ids, top: int = 8) -> dict:
     """One profiled step: the operators with the most self time, and the share of the LM-head loss."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec.device == "cuda" else [])
     with profile(activities=acts) as prof:
         with record_function("step"):

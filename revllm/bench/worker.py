@@ -18,11 +18,17 @@ against the measured RSS high-water mark; on CUDA the card is the budget unless 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 import traceback
 
-PREFIX = "REVLLM_BENCH_JSON "
+import torch
+
+from ..memory import SavedBytes, configure_allocator, cpu_seconds, peak_rss_bytes, rss_bytes, vm_bytes
+from .configs import Spec, build_model, make_batch, preallocate_grads, sync, train_step
+from .finetune import run_row
+from .process import PREFIX
 
 
 class _OverBudget(Exception):
@@ -30,12 +36,6 @@ class _OverBudget(Exception):
 
 
 def _enforce_budget(budget: int | None, device: str):
-    import resource
-
-    import torch
-
-    from .configs import rss_bytes, vm_bytes
-
     if budget is None:
         return
     if device == "cuda":
@@ -51,33 +51,59 @@ def _enforce_budget(budget: int | None, device: str):
     resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + budget - rss, hard))
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _is_oom(e: BaseException) -> bool:
-    import torch
-
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
     msg = str(e).lower()
     return isinstance(e, RuntimeError) and ("alloc" in msg or "out of memory" in msg or "mmap" in msg)
 
 
+def _measure(task: str, out: dict, model, ids, spec: Spec, opt, steps: int, warmup: int) -> None:
+    """The task's measurement, under the budget; its figures go into ``out`` as they are taken."""
+    if task == "memory":
+        t0 = time.perf_counter()
+        counter = SavedBytes(model)
+        with counter:
+            with torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.dtype == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
+        out["saved_bytes"] = counter.bytes
+        out["saved_tensors"] = counter.tensors
+        loss.backward()
+        sync(spec.device)
+        out["step_seconds"] = time.perf_counter() - t0
+    elif task == "probe":
+        t0 = time.perf_counter()
+        train_step(model, ids, spec, opt)
+        sync(spec.device)
+        out["step_seconds"] = time.perf_counter() - t0
+    elif task == "train":
+        times, cpu = [], []
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            train_step(model, ids, spec, opt)
+            times.append(time.perf_counter() - t0)
+            cpu.append(cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
+        out["step_times"], out["step_cpu_times"] = times, cpu
+    elif task == "throughput":
+        for _ in range(warmup):
+            train_step(model, ids, spec, opt)
+        sync(spec.device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            train_step(model, ids, spec, opt)
+            sync(spec.device)
+            times.append(time.perf_counter() - t0)
+        out["step_times"] = times
+        out["tokens_per_s"] = spec.batch * spec.seq * len(times) / sum(times)
+    else:
+        raise ValueError(f"unknown task {task!r}; use memory, probe or throughput")
+
+
 def run(job: dict) -> dict:
-    import torch
-
-    from .configs import SavedBytes, Spec, build_model, make_batch, max_rss_bytes, preallocate_grads, rss_bytes
-    from .configs import sync, train_step
-
     task = job.pop("task")
     allocator = job.pop("allocator", "revllm")
     if allocator == "revllm":
-        from ..memory import configure_allocator
-
         configure_allocator()
     elif allocator != "system":
         raise ValueError(f"unknown allocator {allocator!r}; use revllm or system")
@@ -106,53 +132,14 @@ def run(job: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         out["allocated_before_bytes"] = torch.cuda.memory_allocated()
-    import resource
-
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     try:
         _enforce_budget(budget, spec.device)
-        if task == "memory":
-            t0 = time.perf_counter()
-            counter = SavedBytes(model)
-            with counter:
-                with torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.dtype == "bf16"):
-                    loss = model(input_ids=ids, labels=ids).loss
-            out["saved_bytes"] = counter.bytes
-            out["saved_tensors"] = counter.tensors
-            loss.backward()
-            sync(spec.device)
-            out["step_seconds"] = time.perf_counter() - t0
-        elif task == "probe":
-            t0 = time.perf_counter()
-            train_step(model, ids, spec, opt)
-            sync(spec.device)
-            out["step_seconds"] = time.perf_counter() - t0
-        elif task == "train":
-            times, cpu = [], []
-            for _ in range(steps):
-                t0, c0 = time.perf_counter(), _cpu_seconds()
-                train_step(model, ids, spec, opt)
-                times.append(time.perf_counter() - t0)
-                cpu.append(_cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
-            out["step_times"], out["step_cpu_times"] = times, cpu
-        elif task == "throughput":
-            for _ in range(warmup):
-                train_step(model, ids, spec, opt)
-            sync(spec.device)
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                train_step(model, ids, spec, opt)
-                sync(spec.device)
-                times.append(time.perf_counter() - t0)
-            out["step_times"] = times
-            out["tokens_per_s"] = spec.batch * spec.seq * len(times) / sum(times)
-        else:
-            raise ValueError(f"unknown task {task!r}; use memory, probe or throughput")
+        _measure(task, out, model, ids, spec, opt, steps, warmup)
         out["ok"] = True
     except _OverBudget as e:
         out.update(ok=False, reason="model_over_budget", detail=str(e))
-    except Exception as e:  # noqa: BLE001 - any failure is a result to record, OOM or not
+    except Exception as e:  # broad on purpose: any failure is a result to record, OOM or not
         if not _is_oom(e):
             raise
         out.update(ok=False, reason="oom", detail=" ".join(str(e).split())[:300])
@@ -163,7 +150,7 @@ def run(job: dict) -> dict:
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         out["peak_step_bytes"] = out["peak_bytes"] - out["allocated_before_bytes"]
     else:
-        out["peak_bytes"] = max_rss_bytes()
+        out["peak_bytes"] = peak_rss_bytes()
         out["peak_step_bytes"] = max(0, out["peak_bytes"] - out["rss_before_bytes"])
     if out["ok"] and budget is not None and out["peak_bytes"] > budget:
         out.update(ok=False, reason="over_budget",
@@ -173,17 +160,13 @@ def run(job: dict) -> dict:
 
 def _finetune(job: dict, budget: int | None) -> dict:
     """One row of ``revllm bench finetune`` under the memory limit (see bench/finetune.py)."""
-    import resource
-
-    from .finetune import run_row
-
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     try:
         out = run_row(job, before_steps=lambda: _enforce_budget(budget, "cpu"))
         out["ok"] = True
     except _OverBudget as e:
         out = {"ok": False, "reason": "model_over_budget", "detail": str(e)}
-    except Exception as e:  # noqa: BLE001 - an OOM is a result to record
+    except Exception as e:  # broad on purpose: an OOM is a result to record
         if not _is_oom(e):
             raise
         out = {"ok": False, "reason": "oom", "detail": " ".join(str(e).split())[:300]}
@@ -199,7 +182,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = run(json.loads(argv[0]))
-    except Exception as e:  # noqa: BLE001 - reported to the driver as one JSON line
+    except Exception as e:  # broad on purpose: reported to the driver as one JSON line
         result = {"ok": False, "reason": "error", "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         traceback.print_exc()
     print(PREFIX + json.dumps(result), flush=True)
@@ -208,26 +191,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def spawn(job: dict, timeout: float | None = None, env: dict | None = None) -> dict:
-    """Run ``job`` in a fresh interpreter; returns its JSON (``ok=False`` with a reason on crash/timeout)."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    env = {**os.environ, **(env or {})}
-    root = str(Path(__file__).resolve().parents[2])  # the checkout holding this revllm package
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "revllm.bench.worker", json.dumps(job)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**job, "ok": False, "reason": "timeout", "detail": f"over --max-seconds {timeout:g}"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(PREFIX):
-            res = json.loads(line[len(PREFIX):])
-            return {**job, **res}
-    tail = " ".join(proc.stderr.split()[-40:])
-    return {**job, "ok": False, "reason": f"crash (exit {proc.returncode})", "detail": tail[-300:]}

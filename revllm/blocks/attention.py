@@ -31,8 +31,6 @@ def eager(q, k, v, mask=None, dropout_p=0.0, scale=None):
     return probs @ v
 
 
-ATTENTION = {"sdpa": sdpa, "eager": eager}
-
 
 def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device,
                window: int | None = None) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import RevLLMError
-from .attention import ATTENTION
+from .attention import sdpa
 from .spec import FamilySpec, HFSource
 
 
@@ -28,7 +28,7 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1D(d, d)
         self.c_proj.residual_out = True  # init std / sqrt(2L), as GPT-2
         self.dropout = config.dropout
-        self.attn_fn = ATTENTION[getattr(config, "attn_implementation_revllm", "sdpa")]
+        self.attn_fn = sdpa
 
     def forward(self, x, attention_mask=None, cache=None):
         B, T, D = x.shape

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RevLLMError
-from .attention import ATTENTION
+from .attention import sdpa
 from .spec import FamilySpec, HFSource
 
 
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * K, d, bias=bool(config.attention_bias))
         self.o_proj.residual_out = True  # init std / sqrt(2L), as GPT-2
         self.dropout = config.dropout
-        self.attn_fn = ATTENTION[getattr(config, "attn_implementation_revllm", "sdpa")]
+        self.attn_fn = sdpa
 
     def forward(self, x, position_embeddings, attention_mask=None, cache=None):
         B, T, _ = x.shape

@@ -8,41 +8,58 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from ..bench.allocator import allocator_table
+from ..bench.capacity import capacity_table
+from ..bench.configs import Spec, machine_tag, parse_bytes, parse_configs, parse_ints, resolve_device
+from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_positions, parse_names, plan
+from ..bench.memory import memory_table
+from ..bench.report import SHAPE_KEYS, load, merge, rebuild, render_markdown, save, stem_of
+from ..bench.speed import speed_table
+from ..errors import RevLLMError
+
 DEFAULT_OUT = "benchmarks/results"
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="memory / step time / max batch against ordinary training and checkpointing")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="TABLE")
+    _add_model_tables(sub)
+    _add_finetune_and_results(sub)
 
-    def model_args(q, layers_help, depths=None, configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
-        q.add_argument("--configs", default=configs,
-                       help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
-        if depths is not None:
-            q.add_argument("--depths", default=depths, help=layers_help)
-        else:
-            q.add_argument("--layers", type=int, default=12, help=layers_help)
-        q.add_argument("--d", type=int, default=512, help="model width")
-        q.add_argument("--heads", type=int, default=8)
-        q.add_argument("--seq", type=int, default=256, help="sequence length")
-        q.add_argument("--vocab", type=int, default=8192)
-        q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
-        q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
-        q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
-        q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
-        q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
-        q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
-        q.add_argument("--name", default=None, help="file stem instead of the table name (e.g. speed-sweep)")
 
+def _model_args(q, layers_help, depths=None,
+                configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
+    """The model shape and output options every table shares."""
+    q.add_argument("--configs", default=configs,
+                   help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
+    if depths is not None:
+        q.add_argument("--depths", default=depths, help=layers_help)
+    else:
+        q.add_argument("--layers", type=int, default=12, help=layers_help)
+    q.add_argument("--d", type=int, default=512, help="model width")
+    q.add_argument("--heads", type=int, default=8)
+    q.add_argument("--seq", type=int, default=256, help="sequence length")
+    q.add_argument("--vocab", type=int, default=8192)
+    q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
+    q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
+    q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")
+    q.add_argument("--compile", action="store_true", help="torch.compile each block's function f (opt-in)")
+    q.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+    q.add_argument("--name", default=None, help="file stem instead of the table name (e.g. speed-sweep)")
+
+
+def _add_model_tables(sub):
+    """memory, speed, capacity and allocator: tables of one model shape in configurations (a)-(d)."""
     m = sub.add_parser("memory", help="table 1: saved bytes and peak memory vs depth (fresh process per row)")
-    model_args(m, "comma list of depths", depths="6,12,24,48,96")
+    _model_args(m, "comma list of depths", depths="6,12,24,48,96")
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--memory-budget", default=None, help="e.g. 4GiB: rows predicted or found over it are skipped")
     m.add_argument("--max-seconds", type=float, default=None, help="per-row wall limit; slower rows are skipped")
     m.set_defaults(func=run_memory)
 
     s = sub.add_parser("speed", help="table 2: step time at the same batch, ratio to (a), interleaved")
-    model_args(s, "depth")
+    _model_args(s, "depth")
     s.add_argument("--batch", default="8", help="batch, or a comma list for a tokens/s-vs-batch sweep")
     s.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
     s.add_argument("--warmup", type=int, default=1)
@@ -50,7 +67,7 @@ def add_parser(subparsers):
     s.set_defaults(func=run_speed)
 
     c = sub.add_parser("capacity", help="table 3: max batch under a memory budget, tokens/s at that batch")
-    model_args(c, "comma list of depths", depths="16,32,64,96", configs="euler,euler_ckpt,midpoint")
+    _model_args(c, "comma list of depths", depths="16,32,64,96", configs="euler,euler_ckpt,midpoint")
     c.add_argument("--memory-budget", default=None, help="required on CPU (e.g. 4GiB); on CUDA default = the card")
     c.add_argument("--start-batch", type=int, default=1)
     c.add_argument("--max-batch", type=int, default=1 << 16, help="stop doubling here (reported as capped)")
@@ -61,7 +78,7 @@ def add_parser(subparsers):
     c.set_defaults(func=run_capacity)
 
     a = sub.add_parser("allocator", help="whole-process peak of training vs depth per allocator setting, interleaved")
-    model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
+    _model_args(a, "comma list of depths", depths="4,32", configs="midpoint,midpoint_stored")
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--steps", type=int, default=4, help="AdamW steps per row, from cold")
     a.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row")
@@ -69,6 +86,9 @@ def add_parser(subparsers):
                    help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)")
     a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
 
+
+def _add_finetune_and_results(sub):
+    """finetune (SmolLM2-135M), and report / merge of saved results."""
     f = sub.add_parser("finetune", help="fine-tuning SmolLM2-135M: peak memory, s/step, tokens/s vs sequence and batch")
     f.add_argument("--configs", default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
                    help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog")
@@ -97,9 +117,6 @@ def add_parser(subparsers):
 
 
 def _base(args, batch: int = 8):
-    from ..bench.configs import Spec, parse_configs, resolve_device
-    from ..errors import RevLLMError
-
     device, dtype = resolve_device(args.device, args.dtype)
     for name in ("d", "heads", "seq", "vocab", "loss_chunk"):
         if getattr(args, name) < 1:
@@ -132,7 +149,6 @@ def _command(args) -> str:
 
 def _saver(args):
     """Save the partial table after every row: a long CPU run interrupted late keeps what it measured."""
-    from ..bench.report import save
 
     def on_row(partial):
         if args.name:
@@ -143,8 +159,6 @@ def _saver(args):
 
 
 def _finish(result, args):
-    from ..bench.report import render_markdown, save
-
     if args.name:
         result["name"] = args.name
     paths = save(result, args.out)
@@ -153,10 +167,6 @@ def _finish(result, args):
 
 
 def run_memory(args):
-    from ..bench.configs import parse_bytes, parse_ints
-    from ..bench.memory import memory_table
-    from ..errors import RevLLMError
-
     if args.batch < 1:
         raise RevLLMError(f"--batch must be a positive integer, got {args.batch}")
     configs, spec = _base(args, args.batch)
@@ -169,10 +179,6 @@ def run_memory(args):
 
 
 def run_speed(args):
-    from ..bench.configs import parse_ints
-    from ..bench.speed import speed_table
-    from ..errors import RevLLMError
-
     batches = parse_ints(args.batch, "--batch")
     if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
         raise RevLLMError("--layers and --repeats must be positive and --warmup non-negative")
@@ -183,10 +189,6 @@ def run_speed(args):
 
 
 def run_capacity(args):
-    from ..bench.capacity import capacity_table
-    from ..bench.configs import parse_bytes, parse_ints
-    from ..errors import RevLLMError
-
     configs, spec = _base(args)
     depths = parse_ints(args.depths, "--depths")
     budget = parse_bytes(args.memory_budget)
@@ -198,15 +200,10 @@ def run_capacity(args):
         raise RevLLMError("--steps must be positive and --warmup non-negative")
     resume_rows = []
     if args.resume:
-        from ..bench.report import load
-
         prev = load(args.resume)
         if prev["table"] != "capacity":
             raise RevLLMError(f"--resume {args.resume} is a {prev['table']} table, not capacity")
         # Reuse rows only from the same model shape, machine and budget.
-        from ..bench.configs import machine_tag
-        from ..bench.report import SHAPE_KEYS
-
         now = spec.to_dict()
         diff = [k for k in SHAPE_KEYS if k != "batch" and k in now and prev["setup"].get(k) != now[k]]
         diff += ["machine"] if prev.get("machine_tag") != machine_tag(spec.device) else []
@@ -221,10 +218,6 @@ def run_capacity(args):
 
 
 def run_allocator(args):
-    from ..bench.allocator import allocator_table
-    from ..bench.configs import parse_ints
-    from ..errors import RevLLMError
-
     if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
         raise RevLLMError("--batch, --steps and --threads must be positive")
     preloads = {}
@@ -240,10 +233,6 @@ def run_allocator(args):
 
 
 def run_finetune(args):
-    from ..bench.configs import machine_tag, parse_bytes, parse_ints
-    from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_positions, parse_names, plan
-    from ..errors import RevLLMError
-
     configs = parse_names(args.configs, CONFIGS, "configuration")
     modes = parse_names(args.modes, MODES, "mode")
     seqs, batches = parse_ints(args.seqs, "--seqs"), parse_ints(args.batches, "--batches")
@@ -268,8 +257,6 @@ def run_finetune(args):
 
 
 def run_report(args):
-    from ..bench.report import rebuild
-
     written = rebuild(args.results)
     for p in written:
         if p.suffix == ".md":
@@ -278,9 +265,6 @@ def run_report(args):
 
 
 def run_merge(args):
-    from ..bench.report import load, merge, render_markdown, save, stem_of
-    from ..errors import RevLLMError
-
     result = merge([load(p) for p in args.inputs])
     target = Path(args.out) / f"{stem_of(result)}.json"
     if target.exists() and not any(target.resolve() == Path(p).resolve() for p in args.inputs):

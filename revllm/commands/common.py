@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 
+import huggingface_hub.constants as hub
+
 
 def offline():
-    """Nothing at run time may reach a model hub."""
+    """Nothing the ``revllm`` program runs may reach a model hub. Called by ``revllm.cli`` for its own
+    process (``setdefault``: a user's explicit setting wins); library code never calls it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # huggingface_hub reads HF_HUB_OFFLINE once, at import (importing revllm already did): set its constant too.
-    import huggingface_hub.constants as hub
-
     if os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"):
         hub.HF_HUB_OFFLINE = True
 
@@ -37,6 +38,24 @@ def positive_float(s: str) -> float:
     return v
 
 
-def explicit_keys(args, names) -> dict:
-    """The flags the user actually gave (their argparse default is None)."""
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+# The conversion's defaults (finetune applies them only when it converts SRC itself).
+DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point")
+
+
+def add_dynamics_args(p: argparse.ArgumentParser) -> None:
+    d = DYNAMICS_DEFAULTS
+    p.add_argument("--dynamics", default=d["dynamics"], choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
+                   help="update rule (default midpoint_a: near-Euler with a = 2^-k)")
+    p.add_argument("--k", type=int, default=d["k"], help="midpoint_a coefficient a = 2^-k (default 4)")
+    p.add_argument("--step-size", type=float, default=None, help="h (default 1.0, the residual's step)")
+    p.add_argument("--initial-state", default=d["initial_state"], choices=["fixed_point", "copy", "zero"],
+                   help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))")
+    p.add_argument("--memory-free", choices=["auto", "on", "off"], default="auto",
+                   help="reversible backward (auto: on for reversible rules that can reconstruct)")
+
+
+def dynamics_kwargs(args) -> dict:
+    kw = dict(dynamics=args.dynamics, k=args.k, step_size=args.step_size, initial_state=args.initial_state)
+    if args.memory_free != "auto":
+        kw["memory_free"] = args.memory_free == "on"
+    return kw

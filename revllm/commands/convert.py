@@ -7,36 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+import torch
 
-# The conversion's defaults (finetune applies them only when it converts SRC itself).
-DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point")
+from ..convert import SUPPORTED, convert, save_converted
+from ..convert.o1 import O1_RULES
+from ..convert.o1 import prepare as prepare_o1
+from ..errors import RevLLMError
+from ..eval import evaluate_perplexity, kl_divergence, read_text_tokens
+from ..io import atomic_write, load_source, load_source_tokenizer, resolve_model_dir, save_model_atomic
+from .common import DYNAMICS_DEFAULTS, add_dynamics_args, dynamics_kwargs
+from .finetune import add_training_args, apply_training_defaults, run_finetune
+
 # --memory o1's defaults (the recipe chosen from measurements: docs/notes/issue14.md).
 O1_DEFAULTS = dict(dynamics="leapfrog", hard_layers="auto", layer_weight=1.0, layer_weight_end=0.0)
 
 
-def add_dynamics_args(p: argparse.ArgumentParser) -> None:
-    d = DYNAMICS_DEFAULTS
-    p.add_argument("--dynamics", default=d["dynamics"], choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
-                   help="update rule (default midpoint_a: near-Euler with a = 2^-k)")
-    p.add_argument("--k", type=int, default=d["k"], help="midpoint_a coefficient a = 2^-k (default 4)")
-    p.add_argument("--step-size", type=float, default=None, help="h (default 1.0, the residual's step)")
-    p.add_argument("--initial-state", default=d["initial_state"], choices=["fixed_point", "copy", "zero"],
-                   help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))")
-    p.add_argument("--memory-free", choices=["auto", "on", "off"], default="auto",
-                   help="reversible backward (auto: on for reversible rules that can reconstruct)")
-
-
-def dynamics_kwargs(args) -> dict:
-    kw = dict(dynamics=args.dynamics, k=args.k, step_size=args.step_size, initial_state=args.initial_state)
-    if args.memory_free != "auto":
-        kw["memory_free"] = args.memory_free == "on"
-    return kw
-
-
 def add_parser(sub):
-    from .finetune import add_training_args
-
     p = sub.add_parser("convert", help="convert a pretrained GPT-2/Llama/Qwen2 model into a reversible one",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
@@ -62,19 +50,6 @@ def add_parser(sub):
 
 
 def run(args):
-    from pathlib import Path
-
-    import torch
-
-    from ..bench.report import atomic_write
-    from ..convert import convert, load_source, load_source_tokenizer, save_converted
-    from ..convert.from_hf import save_model_atomic
-    from ..errors import RevLLMError
-    from ..train.checkpoint import resolve_model_dir
-    from .common import offline
-    from .finetune import apply_training_defaults
-
-    offline()
     out = Path(args.out).resolve()
     if args.resume and not args.distill:
         raise RevLLMError("--resume continues a --distill run: give --distill DATA too")
@@ -92,7 +67,7 @@ def run(args):
     dtype = getattr(torch, args.dtype)
     src_path = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     _refuse_converted(src_path, args)
-    original = load_source(src_path, dtype)
+    original = load_source(src_path, dtype, SUPPORTED)
     max_pos = getattr(original.config, "max_position_embeddings", None)  # (GPT-2's n_positions maps to it)
     if seq_len and max_pos and seq_len > max_pos:
         raise RevLLMError(f"--seq-len {seq_len} exceeds the source model's {max_pos} positions")
@@ -101,9 +76,7 @@ def run(args):
     tokenizer = load_source_tokenizer(src_path)
     loss_fn = None
     if args.memory == "o1":
-        from ..convert.o1 import prepare
-
-        stored, loss_fn, o1_report = prepare(original, tokenizer, args, out.with_name(out.name + ".run"))
+        stored, loss_fn, o1_report = prepare_o1(original, tokenizer, args, out.with_name(out.name + ".run"))
         model = convert(original, dtype=dtype, stored_layers=stored or None, **dynamics_kwargs(args))
     else:
         model = convert(original, dtype=dtype, **dynamics_kwargs(args))
@@ -112,8 +85,6 @@ def run(args):
     if args.memory == "o1":
         report["o1"] = o1_report
     if args.report_text:
-        from ..eval import evaluate_perplexity, kl_divergence, read_text_tokens
-
         if tokenizer is None:
             raise ValueError("--report-text needs the source's tokenizer, and none was found")
         ids = read_text_tokens(tokenizer, args.report_text)[: args.report_tokens]
@@ -125,8 +96,6 @@ def run(args):
               f"| converted ({args.dynamics}) | {report['converted_ppl']:.3f} |\n"
               f"KL(original || converted) = {report['kl_original_converted']:.4g} nats/token over {len(ids)} tokens")
     if args.distill:
-        from .finetune import run_finetune
-
         # --resume: the student comes from the run's latest good checkpoint, not from this conversion
         summary = run_finetune(None if args.resume else model, original, tokenizer, args.distill,
                                out.with_name(out.name + ".run"), args, distill=True, loss_fn=loss_fn)
@@ -143,8 +112,6 @@ def run(args):
 
 def _check_memory_flags(args) -> None:
     """--memory o1 picks its own rule; the recipe flags mean nothing without it (refused, not ignored)."""
-    from ..errors import RevLLMError
-
     given = [f"--{k.replace('_', '-')}" for k in ("hard_layers", "layer_weight", "layer_weight_end") if getattr(args, k) is not None]
     if args.resume and given:
         raise RevLLMError(f"--resume continues the run's own recipe (RUN/o1.json): drop {', '.join(given)}")
@@ -153,8 +120,6 @@ def _check_memory_flags(args) -> None:
             raise RevLLMError(f"{', '.join(given)} belong to the O(1) recipe: add --memory o1")
         args.dynamics = args.dynamics or DYNAMICS_DEFAULTS["dynamics"]
         return
-    from ..convert.o1 import O1_RULES
-
     args.dynamics = args.dynamics or O1_DEFAULTS["dynamics"]
     if args.dynamics not in O1_RULES:
         raise RevLLMError(f"--memory o1 needs a rule without a per-layer buffer ({', '.join(O1_RULES)}); "
@@ -168,10 +133,6 @@ def _check_memory_flags(args) -> None:
 
 def _refuse_converted(src_path, args) -> None:
     """SRC must be an original model: a revllm model is already converted (its recipe is fixed)."""
-    from pathlib import Path
-
-    from ..errors import RevLLMError
-
     cfg = Path(src_path) / "config.json"
     if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "revllm":
         what = " --memory o1" if args.memory == "o1" else ""

@@ -1,7 +1,7 @@
 """``revllm data``: tokenize text files / folders / JSONL / saved HF datasets into token files."""
 from __future__ import annotations
 
-from .common import offline
+from ..data import prepare_tokens
 
 
 def add_parser(sub):
@@ -22,9 +22,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
-    from ..data import prepare_tokens
-
     meta = prepare_tokens(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                           text_key=args.text_key, progress=not args.no_progress, split=args.split)
     print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens ({meta['dtype']}), "

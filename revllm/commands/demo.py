@@ -21,8 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ..data import prepare_tokens, read_meta
 from ..errors import RevLLMError
-from .common import offline, positive_float
+from ..train.report import write_report
+from .common import positive_float
 
 DEMO_MARK = ".revllm-demo"
 # Deep and long enough that the stored run's activations dominate its peak RSS (see the README's demo row);
@@ -62,12 +67,6 @@ def default_corpus() -> list[Path]:
 
 
 def run(args):
-    offline()
-    from rich.console import Console
-
-    from ..data import prepare_tokens, read_meta
-    from ..train.report import write_report
-
     if args.steps < 1:
         raise RevLLMError("--steps must be >= 1")
     # a pipe or CI log reports 80 columns, which squeezed the table's cells into '…'
@@ -120,8 +119,6 @@ def run(args):
 
 
 def comparison_table(runs, summaries):
-    from rich.table import Table
-
     stored = summaries[[r.name for r in runs].index("euler")]
     table = Table(title="the same model, data and seed, trained three ways (CPU: peak = the process's peak RSS)")
     for col in ("run", "backward", "steps", "val loss", "tokens/s", "activation MB", "peak MB", "peak vs stored"):

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
+from ..errors import read_json
+from ..eval import evaluate_perplexity, read_text_tokens, read_token_dir
+from ..eval.harness import run_tasks
+from ..io import atomic_write, load_model, load_tokenizer, tokenizer_identity
 from .common import positive_int
 
 
@@ -35,11 +40,6 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..eval import evaluate_perplexity, read_text_tokens, read_token_dir
-    from ..train.checkpoint import load_model, load_tokenizer
-    from .common import offline
-
-    offline()
     if not (args.data or args.text or args.tasks):
         raise ValueError("nothing to evaluate: give --data DIR, --text FILE and/or --tasks NAMES")
     model = load_model(args.model).eval()
@@ -65,8 +65,6 @@ def run(args):
         results[name] = r
         print(f"{name} {path}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({r['tokens']} tokens)")
     if args.tasks:
-        from ..eval.harness import run_tasks
-
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         res = run_tasks(model, tokenizer, tasks, args.include_path, args.batch_size, args.limit, max_length=max_pos,
                         task_data=args.task_data)
@@ -77,8 +75,6 @@ def run(args):
                 if isinstance(v, float) and "stderr" not in m:
                     print(f"| {task} | {m.split(',')[0]} | {v:.4f} |")
     if args.json_out:
-        from ..bench.report import atomic_write
-
         atomic_write(Path(args.json_out), json.dumps(results, indent=1, default=str))
     return 0
 
@@ -86,11 +82,6 @@ def run(args):
 def _check_data_tokenizer(path, tokenizer) -> None:
     """Warn when a token directory was made with another tokenizer than the model's: the ids would then
     mean other text, and the perplexity would not be the model's on the corpus."""
-    import warnings
-
-    from ..data.prepare import tokenizer_identity
-    from ..errors import read_json
-
     made = read_json(Path(path) / "meta.json", f"{path} has no meta.json").get("tokenizer") or {}
     if made.get("sha256") and made["sha256"] != tokenizer_identity(tokenizer, "model")["sha256"]:
         warnings.warn(f"{path} was tokenized with {made.get('name')!r}, not with the model's tokenizer: "

@@ -10,6 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..convert import convert
+from ..convert.distill import AnnealA, DistillLoss
+from ..convert.finetune import finetune
+from ..dynamics.fixedpoint import dyadic
+from ..errors import RevLLMError
+from ..io import load_model, load_tokenizer, resolve_model_dir
+from .common import DYNAMICS_DEFAULTS, add_dynamics_args, dynamics_kwargs, positive_int
 
 # Defaults of a new run. They are not argparse defaults: on --resume an unset flag keeps the run's own value.
 TRAINING_DEFAULTS = dict(steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=10, seed=0, eval_interval=50,
@@ -17,8 +24,6 @@ TRAINING_DEFAULTS = dict(steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=1
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    from .common import positive_int
-
     d = TRAINING_DEFAULTS
     g = p.add_argument_group("fine-tuning (the `revllm train` loop; on --resume, unset flags keep the run's values)")
     g.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d['steps']})")
@@ -43,8 +48,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub):
-    from .convert import DYNAMICS_DEFAULTS, add_dynamics_args
-
     p = sub.add_parser("finetune", help="distillation or supervised fine-tuning of a converted model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="converted revllm model, or an HF dir / .gguf / 'smollm2' to convert first")
@@ -71,10 +74,6 @@ def apply_training_defaults(args) -> None:
 
 def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool, loss_fn=None) -> dict:
     """``loss_fn`` overrides the distillation loss built from the flags (the O(1) recipe passes its own)."""
-    from ..convert.distill import AnnealA, DistillLoss
-    from ..convert.finetune import finetune
-    from ..dynamics.fixedpoint import dyadic
-
     if distill and loss_fn is None:
         if teacher is None:
             raise ValueError("distillation needs a teacher: pass --teacher ORIGINAL (or use --sft)")
@@ -100,13 +99,6 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool, loss
 
 
 def run(args):
-    from ..convert import convert
-    from ..errors import RevLLMError
-    from ..train.checkpoint import load_model, load_tokenizer, resolve_model_dir
-    from .common import offline
-    from .convert import DYNAMICS_DEFAULTS, dynamics_kwargs
-
-    offline()
     apply_training_defaults(args)
     src = resolve_model_dir("smollm2") if args.src == "smollm2" else args.src
     model = load_model(src)

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from .common import offline, positive_int
+import torch
+from transformers import GenerationConfig
+
+from ..errors import RevLLMError
+from ..io import load_model, load_tokenizer
+from .common import positive_int
 
 
 def add_parser(sub):
@@ -21,13 +26,6 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
-    import torch
-    from transformers import GenerationConfig
-
-    from ..errors import RevLLMError
-    from ..train.checkpoint import load_model, load_tokenizer
-
     if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise RevLLMError("need --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (or use --greedy)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import RevLLMError
+from .common import offline
 
 
 def add_parser(sub):
@@ -35,11 +36,10 @@ def _refuse_remote_code(args: list[str]) -> None:
 
 def run_cli(args: list[str]) -> int:
     """Run lm-eval's CLI on ``args`` in this process, revllm registered. Returns its exit status."""
-    from .common import offline
-
     _refuse_remote_code(args)
     offline()
-    import revllm  # noqa: F401  (registers the revllm model type with transformers' Auto classes)
+    # lm-eval is optional (the eval extra); revllm's model type is registered already (importing any revllm
+    # module runs revllm/__init__.py).
     from lm_eval.__main__ import cli_evaluate
 
     argv = sys.argv

@@ -1,6 +1,8 @@
 """``revllm report``: Markdown + PNG comparison of one or more training runs."""
 from __future__ import annotations
 
+from ..train.report import write_report
+
 
 def add_parser(sub):
     p = sub.add_parser("report", help="write a Markdown report (table + loss/memory/throughput plots) of runs")
@@ -10,7 +12,5 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..train.report import write_report
-
     path = write_report(args.runs, args.out)
     print(f"report: {path}")

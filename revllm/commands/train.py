@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .common import offline
+from ..train import build_config, train
+from ..train.config import TrainConfig, load_yaml
 
 # flag -> (type, help); every flag defaults to None so that only explicit flags override the YAML.
 FLAGS = {
@@ -57,8 +58,6 @@ def add_parser(sub):
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML file of flag values")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest good checkpoint in --out")
-    from ..train.config import TrainConfig
-
     defaults = TrainConfig()
     for name, (typ, hlp) in FLAGS.items():
         d = getattr(defaults, name)
@@ -70,17 +69,11 @@ def add_parser(sub):
 
 
 def run(args):
-    offline()
-    from ..train import build_config, train
-    from ..train.config import TrainConfig
-
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     cfg = build_config(args.config, given)
     explicit = set(given)
     if args.config:
-        from ..train.config import load_yaml
-
         explicit |= set(load_yaml(args.config))
     s = train(cfg, explicit=explicit)
     if s["rank"] != 0:  # under torchrun / accelerate launch the summary line is rank 0's alone

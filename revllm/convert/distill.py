@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import RevLLMError
+
 
 def _unwrap(model):
     """The underlying model of peft / DDP wrappers, in any nesting (DDP(PeftModel(model)) under torchrun)."""
@@ -79,8 +81,6 @@ class DistillLoss:
 
     def check(self, model) -> None:
         """Refuse a teacher whose vocabulary (or, with hidden matching, width) differs from the student's."""
-        from ..errors import RevLLMError
-
         s, t = _unwrap(model).get_output_embeddings().weight, _unwrap(self.teacher).get_output_embeddings().weight
         if s.shape[0] != t.shape[0]:
             raise RevLLMError(f"the teacher's vocabulary ({t.shape[0]} tokens) differs from the student's ({s.shape[0]}): "

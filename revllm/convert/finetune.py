@@ -8,16 +8,24 @@ distillation loss. LoRA adapters (peft) are merged back before the final model i
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from ..blocks import family_of
 from ..errors import RevLLMError
-from .from_hf import save_model_atomic
+from ..io import atomic_write, latest_good, list_checkpoints, load_model, save_model_atomic, verify
+from ..parallel.full_state import full_model_copy
+from ..train.config import build_config
+from ..train.loop import train
+from .distill import AnnealA, DistillLoss
 
 
 def add_lora(model, r: int = 8, alpha: int | None = None, dropout: float = 0.0, target_modules=None):
     """Wrap ``model`` with peft LoRA adapters on its family's ``lora_targets`` (the attention projections)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional (the convert extra): only LoRA needs it
 
     if r < 1:
         raise ValueError(f"LoRA rank r={r} must be >= 1")
@@ -48,11 +56,6 @@ class AnnealedLoss:
 def _anneal_schedule(run: Path, anneal, resume: bool):
     """(schedule, first step). A new annealed run records its schedule in RUN/anneal.json; ``resume``
     continues that schedule from the latest good checkpoint's step."""
-    import json
-
-    from ..train.checkpoint import latest_good, list_checkpoints, verify
-    from .distill import AnnealA
-
     path = run / "anneal.json"
     if not resume:
         if list_checkpoints(run):  # refused by the loop
@@ -60,10 +63,7 @@ def _anneal_schedule(run: Path, anneal, resume: bool):
         if anneal is None:
             path.unlink(missing_ok=True)  # left by an annealed start that was refused: not this run's schedule
         else:
-            run.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"k_start": anneal.k_start, "k_end": anneal.k_end, "steps": anneal.steps}))
-            tmp.replace(path)
+            atomic_write(path, json.dumps({"k_start": anneal.k_start, "k_end": anneal.k_end, "steps": anneal.steps}))
         return anneal, 0
     if anneal is not None:
         raise RevLLMError("--resume continues the run's own a-annealing schedule (RUN/anneal.json): give no new one")
@@ -90,10 +90,6 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
         **train_options: TrainConfig fields (max_steps, batch_size, seq_len, lr, warmup, eval_interval, ...).
     Returns the loop's summary dict plus ``model`` (the trained, merged model).
     """
-    from ..train.config import build_config
-    from ..train.loop import train
-    from .distill import DistillLoss
-
     if lora and resume:
         raise RevLLMError("--resume with --lora is not supported: checkpoints of a LoRA run hold the adapters only")
     anneal, start_step = _anneal_schedule(Path(out), anneal, resume)
@@ -116,15 +112,8 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
     explicit = {k for k, v in train_options.items() if v is not None} | {"data"}
     summary = train(cfg, model=model, loss_fn=loss_fn, teacher=teacher, explicit=explicit)
     if model is None:  # resumed: the loop loaded the model itself; reload the final checkpoint's
-        from ..train.checkpoint import latest_good, load_model
-
         model = load_model(latest_good(Path(out)))
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(model, FSDPModule):  # --parallel fsdp2 sharded it in place: gather (collective)
-        from ..parallel.full_state import full_model_copy
-
         model = full_model_copy(model)  # None on ranks > 0
     final = None
     if not dist.is_initialized() or dist.get_rank() == 0:  # one writer under torchrun

@@ -18,63 +18,26 @@ exactly the residual one), unlike RevLLMConfig's from-scratch midpoint default o
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from ..blocks import HF_SOURCES
+from ..dynamics.fixedpoint import MAX_DYADIC_BITS
 from ..errors import RevLLMError
+from ..io import load_source, save_model_atomic
 from ..modeling import RevLLMConfig, RevLLMForCausalLM
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = {mt: source.hf_class for mt, source in HF_SOURCES.items()}  # model_type -> HF class
-RETROFIT = ("midpoint", "leapfrog", "hamiltonian")
 
 
 def _supported_list() -> str:
     return ", ".join(f"{cls} ({mt})" for mt, cls in SUPPORTED.items())
 
 
-def load_source(src, dtype=torch.float32):
-    """Load an HF model from a directory or a .gguf file (offline, no remote code)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from a conversion
-    path = Path(src)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        model.config.__dict__.pop("quantization_config", None)  # dequantized weights: a plain model now
-        return model
-    if not path.is_dir():
-        raise FileNotFoundError(f"source {src} is neither a model directory nor a .gguf file")
-    if not (path / "config.json").is_file():
-        raise RevLLMError(f"{path} has no config.json: not a Hugging Face model directory")
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    if cfg.model_type not in SUPPORTED:
-        raise RevLLMError(f"unsupported architecture {cfg.model_type!r}; supported: {_supported_list()}")
-    if not any(path.glob("*.safetensors")):  # pickled .bin / .pt weights are never loaded (they can run code)
-        raise RevLLMError(f"{path} has no .safetensors weights; pickle checkpoints (.bin) are not loaded: "
-                          "re-save the model with save_pretrained (safetensors) where you trust it")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
-
-
-def load_source_tokenizer(src):
-    """The tokenizer that belongs to ``src`` (dir or .gguf), or None when the directory has none."""
-    from transformers import AutoTokenizer
-
-    path = Path(src)
-    try:
-        if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        warnings.warn(f"no tokenizer copied from {src}: {e}")
-        return None
 
 
 def translate_config(c, **fields) -> RevLLMConfig:
@@ -98,8 +61,6 @@ def dynamics_fields(dynamics: str, k: int, step_size, initial_state: str, **opti
     """RevLLMConfig fields of one conversion recipe."""
     fields = dict(dynamics=dynamics, step_size=1.0 if step_size is None else float(step_size), initial_state=initial_state)
     if dynamics == "midpoint_a":
-        from ..dynamics.fixedpoint import MAX_DYADIC_BITS
-
         if not isinstance(k, int) or not 0 <= k <= MAX_DYADIC_BITS:
             raise ValueError(f"k={k!r} must be an integer in [0, {MAX_DYADIC_BITS}] (a = 2^-k)")
         fields["midpoint_a"] = 2.0**-k
@@ -131,9 +92,7 @@ def convert(model_or_path, dynamics: str = "midpoint_a", k: int = 4, step_size: 
         dtype: parameter dtype of the result.
         **options: further RevLLMConfig fields (``memory_free``, ``loss_chunk_size``, ...).
     """
-    from transformers import PreTrainedModel
-
-    src = model_or_path if isinstance(model_or_path, PreTrainedModel) else load_source(model_or_path, dtype)
+    src = model_or_path if isinstance(model_or_path, PreTrainedModel) else load_source(model_or_path, dtype, SUPPORTED)
     mt = getattr(src.config, "model_type", None)
     if mt not in SUPPORTED:
         raise RevLLMError(f"unsupported architecture {type(src).__name__} ({mt}); supported: {_supported_list()}")
@@ -163,26 +122,3 @@ def save_converted(model: RevLLMForCausalLM, out, tokenizer=None) -> Path:
         raise RevLLMError(f"output directory {out} exists and is not empty")
     return save_model_atomic(model, out, tokenizer)
 
-
-def save_model_atomic(model, out, tokenizer=None) -> Path:
-    """save_pretrained into ``out`` via a temporary directory and a rename: a crash never leaves a
-    half-written model, and an existing ``out`` is replaced only once the new one is complete."""
-    import shutil
-    import tempfile
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save: os.replace needs it gone
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..data.tokens import TokenData, read_meta
 from ..errors import RevLLMError
+from ..io import atomic_write, latest_good, list_checkpoints, tokenizer_identity, verify
 from .distill import DistillLoss, _run_with_final_hidden, _unwrap
 
 O1_RULES = ("midpoint", "leapfrog", "hamiltonian")  # rules that hold no per-layer buffer
@@ -158,14 +161,10 @@ class O1DistillLoss(DistillLoss):
 def recipe_state(run: Path, recipe: dict | None, resume: bool) -> tuple[dict, int]:
     """(recipe, first step). A new run writes RUN/o1.json; ``--resume`` reads it back and continues from the
     latest good checkpoint's step (step 0 when none was written yet)."""
-    from ..train.checkpoint import latest_good, verify
-
     path = run / "o1.json"
     if not resume:
         run.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(recipe, indent=1))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(recipe, indent=1))
         return recipe, 0
     if not path.is_file():
         raise RevLLMError(f"--resume --memory o1: {path} is missing; {run} is not an O(1) conversion run")
@@ -177,9 +176,6 @@ def recipe_state(run: Path, recipe: dict | None, resume: bool) -> tuple[dict, in
 
 def check_tokens_match(data, tokenizer, source: str) -> None:
     """Refuse a token dir made with another tokenizer than the source model's, naming both."""
-    from ..data.prepare import tokenizer_identity
-    from ..data.tokens import read_meta
-
     meta = read_meta(Path(data))["tokenizer"]
     ours = tokenizer_identity(tokenizer, source)
     if meta.get("sha256") and meta["sha256"] != ours["sha256"]:
@@ -189,10 +185,6 @@ def check_tokens_match(data, tokenizer, source: str) -> None:
 
 def calibration_batches(data, seq_len: int, rows: int = 4, batches: int = 2) -> list[torch.Tensor]:
     """The first ``rows x batches`` windows of DATA's training tokens (deterministic)."""
-    import numpy as np
-
-    from ..data.tokens import TokenData
-
     train = TokenData(data).train
     need = rows * batches * seq_len
     if len(train) < need:
@@ -205,8 +197,6 @@ def prepare(teacher, tokenizer, args, run: Path):
     """For ``revllm convert --memory o1``: checks, calibration, the recipe file, the loss.
 
     Returns (stored layers, O1DistillLoss, report dict). Nothing is written when the loop would refuse the run."""
-    from ..train.checkpoint import list_checkpoints
-
     if tokenizer is not None:
         check_tokens_match(args.distill, tokenizer, str(args.src))
     n = len(decoder_layers(teacher))

@@ -20,7 +20,6 @@ an existing token dir.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,8 +27,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import RevLLMError
+from ..io import atomic_write, load_tokenizer, replace_dir, tokenizer_identity
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".html", ".htm", ".py", ".csv", ".org", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -101,7 +102,7 @@ def _documents(kind: str, path: Path, text_key: str):
                     raise RevLLMError(f"{path}:{n} has no string field {text_key!r} (set --text-key)")
                 yield [rec[text_key]], True
     else:
-        import datasets
+        import datasets  # optional (the data extra): only saved HF datasets need it
 
         ds = datasets.load_from_disk(str(path))
         splits = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
@@ -125,39 +126,46 @@ def documents(inputs, text_key: str = "text"):
                 parts = []
 
 
-def tokenizer_identity(tokenizer, source: str) -> dict:
-    """What identifies a tokenizer: its name/source, vocab size, separator id and a content hash."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        tj = Path(d) / "tokenizer.json"
-        digest = hashlib.sha256(tj.read_bytes()).hexdigest() if tj.is_file() else None
-    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    if sep is None:
-        raise RevLLMError(f"tokenizer {source} has no end-of-text/eos token to separate documents")
-    name = "SmolLM2-135M-Instruct" if source == "smollm2" else getattr(tokenizer, "name_or_path", source)
-    return {"name": name, "source": source, "sha256": digest,
-            "vocab_size": len(tokenizer), "separator_id": int(sep)}
-
 
 def held_out(i: int, fraction: float) -> bool:
     """Document i goes to val: every 1/fraction-th document, spread evenly over the input order."""
     return int((i + 1) * fraction) > int(i * fraction)
 
 
-def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True,
-                   split="block") -> dict:
-    """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
-    ``split``: ``block`` (a fraction of every 64k-token block) or ``document`` (whole documents held out)."""
-    from tqdm.auto import tqdm
-
-    from ..train.checkpoint import load_tokenizer
-
+def _check_options(val_fraction: float, split: str) -> None:
     if not 0.0 < val_fraction < 0.5:
         raise RevLLMError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
     if split not in ("block", "document"):
         raise RevLLMError(f"split={split!r} is unknown; allowed: block, document")
+
+
+def _check_counts(counts: dict, n_docs: int, sources, split: str, val_fraction: float) -> None:
+    """Refuse inputs that gave no text, or too few documents for a by-document split."""
+    if counts["train"] < 2 or sum(counts.values()) <= n_docs:
+        raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
+    if split == "document" and counts["val"] == 0:
+        raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
+                          f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
+
+
+def _publish(out: Path, tmp: dict, tok, meta: dict) -> None:
+    """Everything is written beside the old files first; then meta.json goes (the dir reads as incomplete),
+    the renames happen, and the new meta.json comes last: a token dir without meta.json is incomplete."""
+    tok_tmp = out / ".tokenizer.tmp"
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    tok.save_pretrained(tok_tmp)
+    (out / "meta.json").unlink(missing_ok=True)
+    for s, p in tmp.items():  # streamed files, finished: each renamed into place
+        os.replace(p, out / f"{s}.bin")
+    replace_dir(tok_tmp, out / "tokenizer")
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+
+
+def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True,
+                   split="block") -> dict:
+    """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
+    ``split``: ``block`` (a fraction of every 64k-token block) or ``document`` (whole documents held out)."""
+    _check_options(val_fraction, split)
     sources = _expand(inputs)
     tok = load_tokenizer(tokenizer)
     ident = tokenizer_identity(tok, str(tokenizer))
@@ -205,29 +213,12 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
             flush(final=True)
         for f in files.values():
             f.close()
-        if counts["train"] < 2 or sum(counts.values()) <= n_docs:
-            raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
-        if split == "document" and counts["val"] == 0:
-            raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
-                              f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
-        # Everything is written beside the old files first; then meta.json goes (the dir reads as
-        # incomplete), the renames happen, and the new meta.json comes last.
-        tok_tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tok_tmp, ignore_errors=True)
-        tok.save_pretrained(tok_tmp)
-        (out / "meta.json").unlink(missing_ok=True)
-        for s, p in tmp.items():
-            os.replace(p, out / f"{s}.bin")
-        tok_dir = out / "tokenizer"
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        os.replace(tok_tmp, tok_dir)
+        _check_counts(counts, n_docs, sources, split, val_fraction)
         meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
                 "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
                 "val_fraction": val_fraction, "split": split, "requested": [str(p) for p in inputs],
                 "inputs": [str(p) for _, p in sources]}
-        tmp_meta = out / ".meta.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, out / "meta.json")  # written last: a token dir without meta.json is incomplete
+        _publish(out, tmp, tok, meta)
         return meta
     finally:
         for f in files.values():

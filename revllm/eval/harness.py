@@ -13,6 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from ..errors import RevLLMError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -37,8 +39,7 @@ STANDARD_TASKS = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "ar
 def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
     """For each standard task, a YAML that includes lm-eval's own config and only swaps the dataset for
     ``data_dir/{task}.jsonl``. Its ``!function`` hooks resolve next to the included file, as usual."""
-    import lm_eval
-    import yaml
+    import lm_eval  # optional (the eval extra), as in run_tasks
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -61,11 +62,11 @@ def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
 def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size: int = 4, limit=None,
               device: str | None = None, max_length: int | None = None, task_data=None) -> dict:
     """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics).
-    ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring)."""
-    import os
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring).
+    The model is in memory (nothing is fetched for it); whether datasets may reach a hub is the caller's
+    setting (``HF_DATASETS_OFFLINE``): ``revllm eval`` runs offline, a library call leaves the
+    environment as it is."""
+    # lm-eval is optional (the eval extra) and slow to import: only running tasks needs it
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

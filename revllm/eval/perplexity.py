@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import RevLLMError, read_json
 
@@ -71,8 +72,6 @@ def _batches(wins, batch_size):
 def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
                         max_tokens: int | None = None, progress: bool = False) -> dict:
     """Mean next-token cross-entropy and perplexity of ``model`` over ``ids``."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

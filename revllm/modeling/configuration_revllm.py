@@ -34,6 +34,9 @@ import math
 from transformers import PretrainedConfig
 
 from ..blocks import FAMILIES
+from ..dynamics import DYNAMICS
+from ..dynamics import fixedpoint as fxp
+from ..dynamics.midpoint import draw_midpoint_a
 INITIAL_STATES = ("copy", "zero", "fixed_point")
 
 
@@ -90,8 +93,6 @@ class RevLLMConfig(PretrainedConfig):
     eos_token_id: int | list | None = None
 
     def __post_init__(self, **kwargs):
-        from ..dynamics import DYNAMICS
-
         if self.dynamics not in DYNAMICS:
             raise ValueError(f"dynamics={self.dynamics!r} is unknown; allowed: {', '.join(sorted(DYNAMICS))}")
         if self.block not in FAMILIES:
@@ -192,8 +193,6 @@ class RevLLMConfig(PretrainedConfig):
             raise ValueError("drift_fallback=True needs a drift_threshold to decide when to fall back")
 
     def _check_midpoint_a(self):
-        from ..dynamics.midpoint import draw_midpoint_a
-
         a = self.midpoint_a
         if isinstance(a, (list, tuple)) and len(a) != self.num_hidden_layers:
             raise ValueError(
@@ -201,8 +200,6 @@ class RevLLMConfig(PretrainedConfig):
             )
         if a is not None and not isinstance(a, (int, float, list, tuple)):
             raise ValueError(f"midpoint_a={a!r} must be None (random draw), a number, or a per-layer list")
-        from ..dynamics import fixedpoint as fxp
-
         for j, v in enumerate(draw_midpoint_a(self)):
             if self.exact_reversal:  # exact division by a: no floor, but a must be a nonzero dyadic
                 if v == 0 or fxp.dyadic(v) is None:

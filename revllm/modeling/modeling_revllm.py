@@ -19,11 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.pytorch_utils import Conv1D
 
 from ..blocks import FAMILIES
 from ..blocks.attention import build_mask
 from ..dynamics import build_dynamics
+from ..dynamics.midpoint import MidpointA, draw_midpoint_a
 from ..engine import DriftMonitor, Stack, run_stack
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
@@ -47,9 +51,6 @@ class RevLLMPreTrainedModel(PreTrainedModel):
         applies 1 + w), bias 0; each branch's output projection (c_proj, o_proj, down_proj)
         N(0, initializer_range / sqrt(2 L)) as in GPT-2, since L layers add into the streams;
         midpoint_a's ``a`` keeps its configured/seeded draw."""
-        from transformers import initialization as init
-        from transformers.pytorch_utils import Conv1D
-
         std = self.config.initializer_range
         spec = FAMILIES[self.config.block]
         if isinstance(module, (nn.Linear, Conv1D)):
@@ -65,9 +66,7 @@ class RevLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.weight, spec.norm_weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif type(module).__name__ == "MidpointA":
-            from ..dynamics.midpoint import draw_midpoint_a
-
+        elif isinstance(module, MidpointA):
             init.copy_(module.a, torch.tensor(draw_midpoint_a(self.config), dtype=module.a.dtype))
             module._a_cache = None
 
@@ -211,8 +210,6 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 def _add_fixed_point_slot(cache, num_layers: int) -> None:
     """initial_state="fixed_point" evaluates f_0 once more, at p_0, before the stack: that evaluation
     attends over its own keys/values, so it gets one extra cache slot after the L layers' slots."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) > num_layers:
         return

@@ -4,16 +4,19 @@ Layout of a checkpoint directory::
 
     .metadata            DCP's index of every tensor shard (see "unpickling" below)
     __<rank>_0.distcp    each rank's tensor data (model, optimizer)
-    trainer_state.json   the caller's JSON state (step, data position, ...) + SHA-256 of every file
+    trainer_state.json   the caller's JSON state (step, data position, ...) and the world size
+    manifest.json        SHA-256 of every other file (``revllm.io.write_manifest``) -- written LAST
 
 Works for DDP (full tensors, written once by DCP's de-duplication), FSDP2 (DTensor shards) and single
 process, and reloads under a different world size (DCP reshards on load).
 
 Safety, by the project's rules:
-* **Atomic.** All ranks write into ``<dir>.tmp``; rank 0 writes the JSON last and then
-  ``os.replace``s the directory into place, so a crash leaves the previous checkpoint intact.
-* **Corruption is refused.** ``trainer_state.json`` lists each file's size and SHA-256; rank 0 checks
-  them before anything is loaded and every rank raises ``CheckpointError`` on a mismatch.
+* **Atomic.** All ranks write into ``<dir>.tmp``; rank 0 writes the JSON and the manifest last and then
+  moves the directory into place (``revllm.io.replace_dir``), so a crash leaves the previous checkpoint intact.
+* **Corruption is refused.** The manifest is the single-process checkpoints' one (``revllm.io.verify``):
+  rank 0 checks it before anything is loaded and every rank raises ``CheckpointError`` on a mismatch.
+  Checkpoints written before the manifest (their ``trainer_state.json`` lists each file's size and
+  SHA-256 under ``"files"``) are still verified, by that list.
 * **No arbitrary unpickling.** DCP's ``FileSystemReader.read_metadata`` calls ``pickle.load`` on
   ``.metadata``. ``SafeFileSystemReader`` replaces it with an unpickler that resolves only DCP's own
   metadata dataclasses, ``torch.Size``, dtypes/layouts/memory formats, ``pathlib`` paths and plain
@@ -22,7 +25,6 @@ Safety, by the project's rules:
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,11 +35,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from ..errors import CheckpointError
+from ..io import MANIFEST, replace_dir, sha256_file, verify, write_manifest
 
 STATE_FILE = "trainer_state.json"
 
@@ -70,8 +81,6 @@ class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP reader whose metadata unpickler only accepts DCP's metadata classes (see module docstring)."""
 
     def read_metadata(self, *args, **kwargs):
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -87,8 +96,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element
-
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
@@ -102,18 +109,6 @@ def _rank() -> int:
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _digests(directory: Path) -> dict:
-    out = {}
-    for p in sorted(directory.iterdir()):
-        if p.name != STATE_FILE and p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[p.name] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
-    return out
 
 
 def save_sharded(path, model, optimizer=None, state: dict | None = None) -> Path:
@@ -131,19 +126,13 @@ def save_sharded(path, model, optimizer=None, state: dict | None = None) -> Path
     dcp.save(to_save, storage_writer=dcp.FileSystemWriter(str(tmp)))
     _barrier()
     if _rank() == 0:
-        meta = {"state": state or {}, "files": _digests(tmp), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        meta = {"state": state or {}, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        write_manifest(tmp)
+        replace_dir(tmp, path, old=path.with_name(path.name + ".old"))
     _barrier()
     return path
 
@@ -155,8 +144,6 @@ _OPTS = StateDictOptions(ignore_frozen_params=False)
 def _state_dicts(model, optimizer) -> dict:
     """DCP state dicts (sharded where the model is): what is saved, and the templates loaded into."""
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return {"model": get_model_state_dict(model, options=_OPTS)}
     msd, osd = get_state_dict(model, optimizer, options=_OPTS)
     return {"model": msd, "optim": osd}
@@ -164,17 +151,30 @@ def _state_dicts(model, optimizer) -> dict:
 
 def _verify(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong."""
-    if not (path / STATE_FILE).is_file():
-        return f"{path} is not a complete sharded checkpoint (no {STATE_FILE})"
+    if not (path / MANIFEST).is_file():
+        if (path / STATE_FILE).is_file():
+            return _verify_listed(path)  # written before the manifest
+        return f"{path} is not a complete sharded checkpoint (no {MANIFEST})"
+    try:
+        verify(path)
+    except CheckpointError as e:
+        return str(e)
+    if not (path / ".metadata").is_file():
+        return f"{path} has no DCP .metadata"
+    return None
+
+
+def _verify_listed(path: Path) -> str | None:
+    """Checkpoints written before the manifest: ``trainer_state.json`` lists ``{"bytes", "sha256"}`` per file."""
     try:
         files = json.loads((path / STATE_FILE).read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{path / STATE_FILE} is unreadable ({e})"
-    actual = _digests(path)
     if ".metadata" not in files:
         return f"{path} has no DCP .metadata"
     for name, want in files.items():
-        if actual.get(name) != want:
+        p = path / name
+        if not p.is_file() or {"bytes": p.stat().st_size, "sha256": sha256_file(p)} != want:
             return f"{path / name} is missing or corrupted (size/SHA-256 differ from {STATE_FILE})"
     return None
 
@@ -200,7 +200,5 @@ def load_sharded(path, model, optimizer=None) -> dict:
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=_OPTS)
     else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
         set_model_state_dict(model, to_load["model"], options=_OPTS)
     return json.loads((path / STATE_FILE).read_text())["state"]

@@ -32,6 +32,8 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
 from ..errors import RevLLMError
 
@@ -109,8 +111,6 @@ def ddp_static_graph(model) -> bool:
 
 
 def _mp_policy(mp_policy):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     if mp_policy is None or isinstance(mp_policy, MixedPrecisionPolicy):
         return mp_policy or MixedPrecisionPolicy()
     if mp_policy == "bf16":
@@ -119,8 +119,6 @@ def _mp_policy(mp_policy):
 
 
 def _fully_shard(model, mp_policy, reshard_after_forward, mesh):
-    from torch.distributed.fsdp import fully_shard
-
     if type(model).__name__.startswith("Peft"):
         raise RevLLMError("parallel mode fsdp2 does not support LoRA (peft) models; use ddp")
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -158,8 +156,6 @@ def install_fsdp2_recompute_hooks(model: nn.Module) -> int:
 
 def _fresh_recompute_hook(module, args, kwargs):
     """Make every call of a layer inside the backward a fresh FSDP2 forward (see module docstring)."""
-    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
     state = module._get_fsdp_state()
     # Inside a backward (a graph task is running) and already past this layer's pre-backward: the
     # engine is rebuilding the next part of the same layer. IDLE lets FSDP2's pre-forward all-gather

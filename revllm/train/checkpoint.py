@@ -1,130 +1,34 @@
-"""Checkpoints: safetensors weights + JSON state, written atomically, verified on load.
+"""Training checkpoints: safetensors weights + JSON state, written atomically, verified on load.
 
 Layout of ``RUN/checkpoints/step_XXXXXXXX/``::
 
     model/                       save_pretrained (safetensors) + the tokenizer: a plain HF model dir
     trainer_state.safetensors    optimizer tensors ("optim.<param index>.<name>"), RNG states as uint8
     trainer_state.json           step, tokens, scheduler, optimizer param groups, sampler state, config
-    manifest.json                sha256 of every other file -- written LAST
+    manifest.json                sha256 of every other file -- written LAST (``revllm.io.write_manifest``)
 
-The directory is built under a temporary name and ``os.replace``-d into place, so a crash or a full
-disk never leaves a half-written ``step_*``; a directory without a valid manifest is refused
+The directory is built under a temporary name and moved into place (``revllm.io.replace_dir``), so a crash
+or a full disk never leaves a half-written ``step_*``; a directory without a valid manifest is refused
 (``CheckpointError``) and ``latest_good`` skips it with one plain line on stderr. The temporary name
 carries the writer's host and pid, so ``remove_stale_temps`` (run at the start of training) removes
 only what dead writers left. Nothing is ever unpickled; weights that are not finite are never saved
-and never loaded (``nonfinite``).
-
-``load_model(path)`` / ``load_tokenizer(path)`` accept a run dir (its latest good checkpoint), a
-checkpoint dir, or any HF model dir; generate/eval/bench use them.
+and never loaded (``revllm.io.nonfinite``). Reading models back (``load_model``) is ``revllm.io``'s.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers.utils import logging as hf_logging
 
-from ..errors import CheckpointError, RevLLMError, read_json
-
-MANIFEST = "manifest.json"
-PREFIX = "step_"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(root: Path):
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(root: Path) -> None:
-    entries = {str(p.relative_to(root)): _sha256(p) for p in _files(root)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
-
-
-def verify(ckpt: Path) -> Path:
-    """Raise CheckpointError unless every file listed in the manifest is present and intact."""
-    ckpt = Path(ckpt)
-    entries = read_json(ckpt / MANIFEST, f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it", CheckpointError)
-    if not isinstance(entries, dict) or not entries:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupted: its {MANIFEST} lists no files; refusing it")
-    # every file must be covered: a manifest that leaves one out would let that file change unnoticed
-    unlisted = [str(p.relative_to(ckpt)) for p in _files(ckpt) if str(p.relative_to(ckpt)) not in entries]
-    if unlisted:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupted: {unlisted[0]} is not in its {MANIFEST}; refusing it")
-    for rel, digest in entries.items():
-        p = ckpt / rel
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {rel} is missing; refusing it")
-        if _sha256(p) != digest:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupted: {rel} does not match its sha256; refusing it")
-    return ckpt
-
-
-def list_checkpoints(run: Path) -> list[Path]:
-    d = Path(run) / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
-
-
-def say(msg: str) -> None:
-    """One plain line on stderr that does not glue itself to a running progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def latest_good(run: Path, action: str = "resuming from") -> Path | None:
-    """Newest checkpoint that verifies; each bad one is skipped (never deleted) with one plain line,
-    ``checkpoint step_N is corrupted (reason); <action> step_M``."""
-    skipped = []
-    good = None
-    for ckpt in reversed(list_checkpoints(run)):
-        try:
-            good = verify(ckpt)
-            break
-        except CheckpointError as e:
-            reason = str(e).replace(f"checkpoint {ckpt} is ", "").removesuffix("; refusing it").removeprefix("corrupted: ")
-            skipped.append(f"checkpoint {ckpt.name} is corrupted ({reason})")
-    for line in skipped:
-        say(f"{line}; " + (f"{action} {good.name}" if good else "no good checkpoint is left"))
-    return good
-
-
-def nonfinite(tensors) -> int:
-    """How many of ``tensors`` hold a NaN or an inf. Screened by one fused reduction (``torch._foreach_norm``,
-    ord 2: NaN and inf propagate; on CPU it is ~8x faster than ord inf) and one sync per device; a norm
-    that is not finite (a NaN/inf, or squares of huge finite values overflowing) is then confirmed with
-    ``isfinite`` on that tensor alone, so the count is exact. DTensors (FSDP2 shards): the local shard."""
-    local = [getattr(t, "_local_tensor", t).detach() for t in tensors]
-    local = [t for t in local if t.numel() and t.is_floating_point()]
-    if not local:
-        return 0
-    by_device: dict = {}
-    for t, n in zip(local, torch._foreach_norm(local, 2)):
-        by_device.setdefault(n.device, ([], []))
-        by_device[n.device][0].append(t)
-        by_device[n.device][1].append(n.float())
-    bad = 0
-    for ts, ns in by_device.values():
-        flagged = (~torch.stack(ns).isfinite()).nonzero().flatten().tolist()  # the sync; usually empty
-        bad += sum(not bool(torch.isfinite(ts[i]).all()) for i in flagged)
-    return bad
+from ..errors import CheckpointError
+from ..io import PREFIX, list_checkpoints, replace_dir, verify, write_manifest
 
 
 def optimizer_tensors(optimizer) -> list:
@@ -196,8 +100,6 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # the training bar is the one progress display
         model.save_pretrained(tmp / "model")
         if tokenizer is not None:
@@ -209,13 +111,8 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler
         meta = dict(state, step=step, scheduler=scheduler.state_dict(), param_groups=groups)
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         write_manifest(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside, never delete it first
-            old = root / _temp_name("old", final.name)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        # re-saving the same step: the old one is moved aside, never deleted first
+        replace_dir(tmp, final, old=root / _temp_name("old", final.name))
     except (OSError, SafetensorError) as e:  # a full disk reaches us as either (safetensors' own error type)
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
@@ -251,84 +148,3 @@ def load_trainer_state(ckpt: Path) -> tuple[dict, dict, dict]:
     return meta, opt, rng
 
 
-# -- loading models for generate / eval / bench --------------------------------------------------
-def resolve_model_dir(path) -> Path:
-    """What a user names as a model, as a from_pretrained directory:
-    ``smollm2`` -> the cached SmolLM2-135M-Instruct copy; checkpoint dir -> its verified model/;
-    finished fine-tuning run -> RUN/model (the final, merged model); run dir -> latest good checkpoint's
-    model/; Hugging Face model dir -> itself."""
-    if str(path) == "smollm2":
-        from ..assets import smollm2_model_dir
-
-        return smollm2_model_dir()
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    if (p / MANIFEST).is_file() or p.name.startswith(PREFIX):
-        return verify(p) / "model"
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if (p / "checkpoints").is_dir():
-        ckpt = latest_good(p)
-        if ckpt is None:
-            raise CheckpointError(f"run {p} has no good checkpoint")
-        return ckpt / "model"
-    if (p / "config.json").is_file():
-        return p
-    raise RevLLMError(f"{p} is not a run directory, a checkpoint or a Hugging Face model directory (no config.json)")
-
-
-def load_model(path, dtype=torch.float32):
-    """AutoModelForCausalLM from a run/checkpoint/HF dir, offline, safetensors only, no remote code."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import revllm  # noqa: F401  (registers RevLLMConfig with the Auto classes)
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if str(path).endswith(".gguf"):  # transformers' gguf loader (dequantized weights)
-        from ..convert.from_hf import load_source
-
-        return load_source(path, dtype)
-    d = resolve_model_dir(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
-                                                     trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot load model from {d}: {msg}") from None
-    params = list(model.parameters())
-    bad = nonfinite(params)
-    if bad:  # its logits would be NaN: generation would print only the prompt, eval a loss of nan
-        raise CheckpointError(f"model {d} has non-finite weights (NaN/inf in {bad} of {len(params)} tensors); "
-                              "refusing it: use an earlier checkpoint")
-    return model
-
-
-def load_tokenizer(path, required: bool = True):
-    """Tokenizer from a run/checkpoint/HF/tokenizer dir, a .gguf file, or ``smollm2`` for the embedded
-    default; with ``required=False`` a model saved without one gives None."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    if not required:
-        try:
-            return load_tokenizer(path)
-        except RevLLMError:
-            return None
-    if str(path).endswith(".gguf"):
-        p = Path(path)
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    if str(path) == "smollm2":
-        from ..assets import smollm2_tokenizer_dir
-
-        d = smollm2_tokenizer_dir()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"tokenizer {p} does not exist")
-        d = p if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file() else resolve_model_dir(p)
-    try:
-        return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise RevLLMError(f"cannot load a tokenizer from {d}: {str(e).splitlines()[0]}") from None

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..errors import RevLLMError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -64,7 +66,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if not self.data and not self.resume:  # --resume takes it from the checkpoint
             raise RevLLMError("--data is required (a token directory from `revllm data`)")
         if not self.out:
@@ -145,8 +147,6 @@ ARCH_KEYS = {"block", "dynamics", "step_size", "initial_state", "layers", "hidde
 
 
 def load_yaml(path) -> dict:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import csv
 import math
+from io import BytesIO
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from ..errors import read_json
+from ..io import atomic_write
 
 COLUMNS = [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "val ppl", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
            ("activation_mb", "activation MB", "{:.2f}"), ("peak_mb", "peak MB", "{:,.0f}"), ("params", "params", "{:,}")]
@@ -43,13 +47,17 @@ def table(runs) -> str:
     return "\n".join(lines)
 
 
+def _save_png(fig, path: Path) -> None:
+    """A pyplot-free Figure (no backend, no global state) written atomically."""
+    fig.tight_layout()
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write(path, png.getvalue())
+
+
 def plot_loss(runs, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for i, r in enumerate(runs):
         color = f"C{i}"
         tr = [(int(x["step"]), float(x["train_loss"])) for x in r["rows"] if x.get("train_loss")]
@@ -62,30 +70,22 @@ def plot_loss(runs, path: Path):
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_memory_throughput(runs, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["name"] for r in runs]
     panels = [("activation_mb", "activation memory (MB saved for backward)"), ("peak_mb", "peak memory (MB)"),
               ("tokens_per_s", "throughput (tokens/s)")]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels):
         vals = [float(r["summary"].get(key) or 0) for r in runs]
         bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(runs))])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def write_report(run_paths, out) -> Path:
@@ -122,5 +122,5 @@ def write_report(run_paths, out) -> Path:
         md.append(f"- `{r['path']}`: {c.get('block')} {c.get('layers')} layers x {c.get('hidden')} hidden, "
                   f"{c.get('heads')} heads, seq {c.get('seq_len')}, batch {c.get('batch_size')}x{c.get('grad_accum')}, "
                   f"lr {c.get('lr')}, {r['summary'].get('tokens'):,} tokens, {r['summary'].get('wall_s', 0):.0f} s")
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write(out / "report.md", "\n".join(md) + "\n")
     return out / "report.md"
