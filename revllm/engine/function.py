@@ -31,8 +31,9 @@ checkpointing does; ``torch.autograd.grad`` on parameters therefore does not see
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -31,6 +31,7 @@ import math
 from transformers import PretrainedConfig
 
 from ..blocks import FAMILIES
+
 INITIAL_STATES = ("copy", "zero", "fixed_point")
 
 
