@@ -1,8 +1,8 @@
 """The dynamics protocol: a rule defines its coefficients, and nothing the engine derives from them."""
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from revllm.dynamics import Dynamics
 from revllm.dynamics.leapfrog import Leapfrog
 

@@ -4,9 +4,10 @@ import pathlib
 
 import pytest
 import torch
-
 from hf_tiny import FAMILIES, norms_keep_dtype, tiny_hf
-from revllm.blocks import FAMILIES as SPECS, HF_SOURCES
+
+from revllm.blocks import FAMILIES as SPECS
+from revllm.blocks import HF_SOURCES
 from revllm.convert import convert
 from revllm.errors import RevLLMError
 

@@ -4,9 +4,9 @@ import pathlib
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import revllm.engine.function as engine_function
-from conftest import tiny_model
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ family's name, so a new family is its own file (blocks, spec, source) plus one r
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

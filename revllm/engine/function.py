@@ -40,8 +40,9 @@ be reconstructed; its older input stream is kept (one stream per stored substep,
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

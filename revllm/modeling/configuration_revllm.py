@@ -37,6 +37,7 @@ from ..blocks import FAMILIES
 from ..dynamics import DYNAMICS
 from ..dynamics import fixedpoint as fxp
 from ..dynamics.midpoint import draw_midpoint_a
+
 INITIAL_STATES = ("copy", "zero", "fixed_point")
 
 
