@@ -15,6 +15,7 @@ from ..bench.finetune import CONFIGS, MODES, finetune_table, load_resume, max_po
 from ..bench.memory import memory_table
 from ..bench.report import SHAPE_KEYS, load, merge, rebuild, render_markdown, save, stem_of
 from ..bench.speed import speed_table
+from ..blocks import FAMILIES
 from ..errors import RevLLMError
 
 DEFAULT_OUT = "benchmarks/results"
@@ -40,7 +41,7 @@ def _model_args(q, layers_help, depths=None,
     q.add_argument("--heads", type=int, default=8)
     q.add_argument("--seq", type=int, default=256, help="sequence length")
     q.add_argument("--vocab", type=int, default=8192)
-    q.add_argument("--block", default="gpt2", choices=["gpt2", "llama"])
+    q.add_argument("--block", default="gpt2", choices=sorted(FAMILIES))
     q.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the LM-head loss")
     q.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     q.add_argument("--dtype", default="auto", help="fp32 or bf16 (autocast); auto = bf16 on cuda, fp32 on cpu")

@@ -4,19 +4,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..blocks import FAMILIES
 from ..train import build_config, train
 from ..train.config import TrainConfig, load_yaml
 
 # flag -> (type, help); every flag defaults to None so that only explicit flags override the YAML.
 FLAGS = {
-    "block": (str, "residual-branch family: llama | gpt2"),
+    "block": (str, f"residual-branch family: {' | '.join(sorted(FAMILIES))}"),
     "dynamics": (str, "euler | midpoint | leapfrog | midpoint_a | hamiltonian"),
     "step_size": (float, "h (default: the rule's own)"),
     "initial_state": (str, "copy | zero | fixed_point"),
     "layers": (int, "number of layers"),
     "hidden": (int, "hidden size"),
     "heads": (int, "attention heads"),
-    "kv_heads": (int, "key/value heads (llama GQA)"),
+    "kv_heads": (int, "key/value heads (grouped-query attention, where the family allows it)"),
     "intermediate": (int, "MLP width (default 4x hidden)"),
     "max_positions": (int, "max position embeddings (default seq_len)"),
     "dropout": (float, "dropout probability"),
