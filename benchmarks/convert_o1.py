@@ -267,7 +267,7 @@ def _plot(runs, front, original, budget):
     a.legend(fontsize=7)
     for name, bits, ppl in front:
         b.scatter(bits, ppl)
-        b.annotate(name, (bits, ppl), fontsize=7)
+        b.annotate(name.split(" (")[0], (bits, ppl), fontsize=7, rotation=20)
     b.axhline(original, color="k", lw=0.8, ls="--")
     b.set(yscale="log", xlabel="bits per element per layer (memory beyond O(1))", ylabel="held-out perplexity",
           title=f"frontier after {budget:,} tokens")
