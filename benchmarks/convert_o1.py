@@ -17,6 +17,7 @@ Usage:
   PYTHONPATH=. python benchmarks/convert_o1.py cost
   PYTHONPATH=. python benchmarks/convert_o1.py report
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_smollm2 import kjv_text  # noqa: E402
 
-from revllm.io import save_model_atomic, smollm2_model_dir  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.o1 import O1DistillLoss, auto_hard_layers, calibrate, parse_hard_layers  # noqa: E402
 from revllm.eval import evaluate_perplexity  # noqa: E402
+from revllm.io import save_model_atomic, smollm2_model_dir  # noqa: E402
 
 RESULTS = Path(os.environ.get("REVLLM_BENCH_OUT", Path(__file__).parent / "results"))
 RUNS = RESULTS / "convert_o1"
@@ -49,7 +50,7 @@ def load(args):
     tok = AutoTokenizer.from_pretrained(d)
     orig = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.tensor(tok(kjv_text(args.kjv), add_special_tokens=False)["input_ids"])
-    held, train = ids[-args.eval_tokens:], ids[: -args.eval_tokens - 1]  # held-out: the end of Revelation
+    held, train = ids[-args.eval_tokens :], ids[: -args.eval_tokens - 1]  # held-out: the end of Revelation
     return orig, held, train
 
 
@@ -76,8 +77,13 @@ def build(orig, train, args):
     if args.dynamics == "midpoint_a":  # near-Euler frontier rows: exact, a k-bit buffer per layer
         return convert(orig, dynamics="midpoint_a", k=args.k), [], None
     stored, scores = hard_layers(orig, train, args.hard_layers, args.seq_len)
-    model = convert(orig, dynamics=args.dynamics, step_size=args.step_size, initial_state=args.initial_state,
-                    stored_layers=stored or None)
+    model = convert(
+        orig,
+        dynamics=args.dynamics,
+        step_size=args.step_size,
+        initial_state=args.initial_state,
+        stored_layers=stored or None,
+    )
     return model, stored, scores
 
 
@@ -90,11 +96,22 @@ def run(args):
     ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     batch = sampler(train, args)
-    res = {"name": args.name, "command": " ".join(sys.argv), "dynamics": args.dynamics,
-           "k": args.k if args.dynamics == "midpoint_a" else None, "hard_layers": stored, "calibration": scores,
-           "layer_weight": args.layer_weight, "layer_weight_end": args.layer_weight_end, "lr": args.lr,
-           "warmup": args.warmup, "batch": f"{args.batch_size}x{args.seq_len}", "budget_tokens": args.tokens,
-           "threads": torch.get_num_threads(), "curve": []}
+    res = {
+        "name": args.name,
+        "command": " ".join(sys.argv),
+        "dynamics": args.dynamics,
+        "k": args.k if args.dynamics == "midpoint_a" else None,
+        "hard_layers": stored,
+        "calibration": scores,
+        "layer_weight": args.layer_weight,
+        "layer_weight_end": args.layer_weight_end,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "batch": f"{args.batch_size}x{args.seq_len}",
+        "budget_tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "curve": [],
+    }
     t0, tokens = time.perf_counter(), 0
     res["curve"].append({"tokens": 0, "perplexity": ev(model)})
     print(args.name, res["curve"][-1], "hard layers", stored, flush=True)
@@ -108,20 +125,28 @@ def run(args):
         loss.backward()
         opt.step()
         tokens += args.batch_size * args.seq_len
-        print(f"{args.name} step {step + 1}/{steps} tokens {tokens} kl {met['kl']:.4f} "
-              f"layer_err {met.get('layer_err', 0):.4g} w {met['layer_weight']:.3g} {time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"{args.name} step {step + 1}/{steps} tokens {tokens} kl {met['kl']:.4f} "
+            f"layer_err {met.get('layer_err', 0):.4g} w {met['layer_weight']:.3g} {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
         if marks and tokens >= marks[0]:
             marks = [m for m in marks if m > tokens]
             model.eval()
-            res["curve"].append({"tokens": tokens, "perplexity": ev(model), "layer_weight": met["layer_weight"],
-                                 "kl": met["kl"], "layer_err": met.get("layer_err")})
+            res["curve"].append(
+                {
+                    "tokens": tokens,
+                    "perplexity": ev(model),
+                    "layer_weight": met["layer_weight"],
+                    "kl": met["kl"],
+                    "layer_err": met.get("layer_err"),
+                }
+            )
             model.train()
             res.update(seconds=time.perf_counter() - t0, steps=step + 1, partial=step + 1 < steps)
             _write_json(RUNS / f"{args.name}.json", res)
             print(args.name, res["curve"][-1], flush=True)
     if args.save:  # the final student, for `revllm eval` (zero-shot tasks)
-
-
         save_model_atomic(model.eval(), args.save)
 
 
@@ -134,17 +159,19 @@ def _write_json(path, obj):
 
 # -- cost: saved bytes at 30 layers and step time relative to ordinary fine-tuning --------------------------
 def cost(args):
-    from revllm.memory import SavedBytes
     from revllm.convert.distill import DistillLoss
+    from revllm.memory import SavedBytes
 
     orig, held, train = load(args)
     batch = sampler(train, args)
     xs = [batch() for _ in range(args.rounds + 1)]
-    rows = {"ordinary fine-tuning (CE, stored)": None,
-            "near-Euler k=4 (exact, memory-free)": dict(dynamics="midpoint_a", k=4),
-            "near-Euler k=1 (exact, memory-free)": dict(dynamics="midpoint_a", k=1),
-            "o1 leapfrog, 0 hard layers": dict(dynamics="leapfrog"),
-            "o1 leapfrog, 2 hard layers + layer term": dict(dynamics="leapfrog", stored_layers=[11, 12])}
+    rows = {
+        "ordinary fine-tuning (CE, stored)": None,
+        "near-Euler k=4 (exact, memory-free)": dict(dynamics="midpoint_a", k=4),
+        "near-Euler k=1 (exact, memory-free)": dict(dynamics="midpoint_a", k=1),
+        "o1 leapfrog, 0 hard layers": dict(dynamics="leapfrog"),
+        "o1 leapfrog, 2 hard layers + layer term": dict(dynamics="leapfrog", stored_layers=[11, 12]),
+    }
     models, losses = {}, {}
     for name, kw in rows.items():
         if kw is None:
@@ -190,8 +217,16 @@ def cost(args):
         depth[n] = meter.bytes / 2**20
         print("depth", n, depth[n], flush=True)
     del o1
-    _write_json(RUNS / "_cost.json", {"command": " ".join(sys.argv), "batch": f"{args.batch_size}x{args.seq_len}",
-                                     "rounds": args.rounds, "rows": out, "saved_mib_by_depth_o1_2hard": depth})
+    _write_json(
+        RUNS / "_cost.json",
+        {
+            "command": " ".join(sys.argv),
+            "batch": f"{args.batch_size}x{args.seq_len}",
+            "rounds": args.rounds,
+            "rows": out,
+            "saved_mib_by_depth_o1_2hard": depth,
+        },
+    )
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -201,18 +236,26 @@ def report(args):
     prior = json.loads((RESULTS / "convert_smollm2.json").read_text())
     original = prior["before"]["original"]["perplexity"]
     L = 30
-    md = ["# O(1)-memory conversion of SmolLM2-135M-Instruct (issue 14)", "",
-          "CPU, 2 cores, shared with other jobs (timings are ratios measured interleaved). Held-out: the last 1,024",
-          "tokens of the KJV (windows of 512), never distilled on; batch 4x128; free-running perplexity.",
-          f"Original: {original:.2f}.", "", "## Runs (held-out perplexity at each token mark)", "",
-          "| run | rule | hard layers | layer weight | lr | " + " | ".join(f"{m:,}" for m in MARKS) + " |",
-          "|---|---|---|---|---|" + "---|" * len(MARKS)]
+    md = [
+        "# O(1)-memory conversion of SmolLM2-135M-Instruct (issue 14)",
+        "",
+        "CPU, 2 cores, shared with other jobs (timings are ratios measured interleaved). Held-out: the last 1,024",
+        "tokens of the KJV (windows of 512), never distilled on; batch 4x128; free-running perplexity.",
+        f"Original: {original:.2f}.",
+        "",
+        "## Runs (held-out perplexity at each token mark)",
+        "",
+        "| run | rule | hard layers | layer weight | lr | " + " | ".join(f"{m:,}" for m in MARKS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(MARKS),
+    ]
     for name, r in runs.items():
         at = {p["tokens"]: p["perplexity"] for p in r["curve"]}
         cells = [f"{at[m]:.4g}" if m in at else "" for m in MARKS]
         rule = r["dynamics"] + (f" k={r['k']}" if r.get("k") is not None else "")
-        md.append(f"| {name}{' (partial)' if r.get('partial') else ''} | {rule} | {r['hard_layers'] or '–'} | "
-                  f"{r['layer_weight']:g}→{r['layer_weight_end']:g} | {r['lr']:g} | " + " | ".join(cells) + " |")
+        md.append(
+            f"| {name}{' (partial)' if r.get('partial') else ''} | {rule} | {r['hard_layers'] or '–'} | "
+            f"{r['layer_weight']:g}→{r['layer_weight_end']:g} | {r['lr']:g} | " + " | ".join(cells) + " |"
+        )
     md += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in runs.values())]
     # frontier at the 12,800-token budget: average bits per element per layer vs quality
     budget = 12800
@@ -228,26 +271,43 @@ def report(args):
         if budget in at and "anneal" not in name and "lr" not in name:
             bits = int(name.split("k=")[1]) if name.startswith("midpoint_a k=") else 0
             front.append((f"{name} (convert_smollm2, lr {r['lr']:g}, no hard layer)", bits, at[budget]))
-    md += ["", f"## Frontier after {budget:,} distillation tokens", "",
-           "Bits per element per layer: near-Euler k keeps k bits per element at every layer; the O(1) recipe keeps",
-           "one fp32 stream per stored hard layer (32 bits x hard layers / 30 layers); all-O(1) keeps none. The two",
-           "held streams and the weights/optimizer are the same for every row and not counted.", "",
-           "| run | bits/element/layer | perplexity | vs original |", "|---|---|---|---|"]
+    md += [
+        "",
+        f"## Frontier after {budget:,} distillation tokens",
+        "",
+        "Bits per element per layer: near-Euler k keeps k bits per element at every layer; the O(1) recipe keeps",
+        "one fp32 stream per stored hard layer (32 bits x hard layers / 30 layers); all-O(1) keeps none. The two",
+        "held streams and the weights/optimizer are the same for every row and not counted.",
+        "",
+        "| run | bits/element/layer | perplexity | vs original |",
+        "|---|---|---|---|",
+    ]
     for name, bits, ppl in sorted(front, key=lambda t: -t[1]):
         md.append(f"| {name} | {bits:.2f} | {ppl:.4g} | {ppl / original:.2f}x |")
     if cost_rows:
-        md += ["", f"## Cost (30 layers, batch {cost_rows['batch']}, median of {cost_rows['rounds']} interleaved rounds)", "",
-               "Distillation rows include the frozen teacher's forward; ordinary fine-tuning has none. The stored layers",
-               "in the cost rows are 11 and 12 (any two stored layers cost the same: one fp32 stream each).", "",
-               "| step | saved for backward (MiB) | + k-bit buffer (MiB) | time vs ordinary fine-tuning |", "|---|---|---|---|"]
+        md += [
+            "",
+            f"## Cost (30 layers, batch {cost_rows['batch']}, median of {cost_rows['rounds']} interleaved rounds)",
+            "",
+            "Distillation rows include the frozen teacher's forward; ordinary fine-tuning has none. The stored layers",
+            "in the cost rows are 11 and 12 (any two stored layers cost the same: one fp32 stream each).",
+            "",
+            "| step | saved for backward (MiB) | + k-bit buffer (MiB) | time vs ordinary fine-tuning |",
+            "|---|---|---|---|",
+        ]
         for name, c in cost_rows["rows"].items():
             md.append(f"| {name} | {c['saved_mib']:.1f} | {c['kbit_buffer_mib']:.1f} | {c['time_vs_ordinary']:.2f}x |")
         d = cost_rows.get("saved_mib_by_depth_o1_2hard", {})
-        md += ["", "O(1) leapfrog with layers 11, 12 stored, cut to its first n layers, saved for backward (CE step): "
-               + ", ".join(f"{n} layers {v:.1f} MiB" for n, v in d.items())]
+        md += [
+            "",
+            "O(1) leapfrog with layers 11, 12 stored, cut to its first n layers, saved for backward (CE step): "
+            + ", ".join(f"{n} layers {v:.1f} MiB" for n, v in d.items()),
+        ]
         md += ["", f"Command: `{cost_rows['command']}`"]
-    _write_json(RESULTS / "convert_o1.json", {"original": original, "runs": runs, "frontier_budget": budget,
-                                              "frontier": front, "cost": cost_rows})
+    _write_json(
+        RESULTS / "convert_o1.json",
+        {"original": original, "runs": runs, "frontier_budget": budget, "frontier": front, "cost": cost_rows},
+    )
     (RESULTS / "convert_o1.md").write_text("\n".join(md) + "\n")
     _plot(runs, front, original, budget)
 
@@ -263,14 +323,24 @@ def _plot(runs, front, original, budget):
         c = [p for p in r["curve"] if p["tokens"] > 0]
         a.plot([p["tokens"] for p in c], [p["perplexity"] for p in c], marker="o", label=name)
     a.axhline(original, color="k", lw=0.8, ls="--", label="original")
-    a.set(xscale="log", yscale="log", xlabel="distillation tokens", ylabel="held-out perplexity", title="free-running perplexity")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="distillation tokens",
+        ylabel="held-out perplexity",
+        title="free-running perplexity",
+    )
     a.legend(fontsize=7)
     for name, bits, ppl in front:
         b.scatter(bits, ppl)
         b.annotate(name.split(" (")[0], (bits, ppl), fontsize=7, rotation=20)
     b.axhline(original, color="k", lw=0.8, ls="--")
-    b.set(yscale="log", xlabel="bits per element per layer (memory beyond O(1))", ylabel="held-out perplexity",
-          title=f"frontier after {budget:,} tokens")
+    b.set(
+        yscale="log",
+        xlabel="bits per element per layer (memory beyond O(1))",
+        ylabel="held-out perplexity",
+        title=f"frontier after {budget:,} tokens",
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "convert_o1.png", dpi=110)
     plt.close(fig)

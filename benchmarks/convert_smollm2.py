@@ -12,6 +12,7 @@ Writes benchmarks/results/convert_smollm2.{json,md,png}. Not a test (minutes of 
 
 Usage: PYTHONPATH=. python benchmarks/convert_smollm2.py --kjv /tmp/kjv.txt [--distill-minutes 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,12 @@ def _cost_row(name, batches):
     loaded = rss_bytes()
     sec, act = step_cost(model, loss_fn, batches)
     peak = max_rss_bytes()
-    return {"s_per_step": sec, "saved_activations_mib": act, "peak_rss_mib": peak / 2**20,
-            "peak_over_loaded_mib": (peak - loaded) / 2**20}
+    return {
+        "s_per_step": sec,
+        "saved_activations_mib": act,
+        "peak_rss_mib": peak / 2**20,
+        "peak_over_loaded_mib": (peak - loaded) / 2**20,
+    }
 
 
 def step_cost(model, loss_fn, batches, lr=1e-5):
@@ -108,17 +113,32 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--distill-minutes", type=float, default=10.0)
-    ap.add_argument("--distill-tokens", type=int, default=0,
-                    help="stop each distillation after this many tokens (0 = only the time budget applies)")
+    ap.add_argument(
+        "--distill-tokens",
+        type=int,
+        default=0,
+        help="stop each distillation after this many tokens (0 = only the time budget applies)",
+    )
     ap.add_argument("--distill-lr", type=float, default=None, help="learning rate of the distillations (default --lr)")
-    ap.add_argument("--distill", nargs="+", default=["midpoint_a k=4"],
-                    help="conversions to distill, by their name in the before-training table (e.g. leapfrog)")
+    ap.add_argument(
+        "--distill",
+        nargs="+",
+        default=["midpoint_a k=4"],
+        help="conversions to distill, by their name in the before-training table (e.g. leapfrog)",
+    )
     ap.add_argument("--anneal-minutes", type=float, default=0.0)
-    ap.add_argument("--anneal-tokens", type=int, default=0,
-                    help="a-annealing run (k 4 -> 0) of this many tokens: k falls over the first 80%%, the rest trains at k=0")
+    ap.add_argument(
+        "--anneal-tokens",
+        type=int,
+        default=0,
+        help="a-annealing run (k 4 -> 0) of this many tokens: k falls over the first 80%%, the rest trains at k=0",
+    )
     ap.add_argument("--cost-steps", type=int, default=3)
-    ap.add_argument("--phases", default="before,distill,cost",
-                    help="comma list of before, distill, cost; results of other phases are kept from the JSON")
+    ap.add_argument(
+        "--phases",
+        default="before,distill,cost",
+        help="comma list of before, distill, cost; results of other phases are kept from the JSON",
+    )
     args = ap.parse_args()
     phases = set(args.phases.split(","))
     torch.manual_seed(0)
@@ -134,17 +154,26 @@ def main():
     res = json.loads(old.read_text()) if old.is_file() else {"before": {}, "distill": {}, "cost": {}}
     res.setdefault("commands", [res.pop("command")] if "command" in res else [])
     res["commands"].append(" ".join(sys.argv))
-    res.update({"machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-                "torch": torch.__version__, "held_out_tokens": int(len(held))})
+    res.update(
+        {
+            "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "held_out_tokens": int(len(held)),
+        }
+    )
     ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
 
     # -- 1. before training --------------------------------------------------------------------------
     if "before" in phases:
         res["before"]["original"] = {"perplexity": ev(orig), "kl": 0.0}
-    recipes = [("euler", {}), *[(f"midpoint_a k={k}", {"dynamics": "midpoint_a", "k": k}) for k in (6, 4, 2, 1)],
-               ("midpoint", {"dynamics": "midpoint"}), ("leapfrog", {"dynamics": "leapfrog"}),
-               ("hamiltonian", {"dynamics": "hamiltonian"}),
-               ("midpoint h=0.5 copy", {"dynamics": "midpoint", "step_size": 0.5, "initial_state": "copy"})]
+    recipes = [
+        ("euler", {}),
+        *[(f"midpoint_a k={k}", {"dynamics": "midpoint_a", "k": k}) for k in (6, 4, 2, 1)],
+        ("midpoint", {"dynamics": "midpoint"}),
+        ("leapfrog", {"dynamics": "leapfrog"}),
+        ("hamiltonian", {"dynamics": "hamiltonian"}),
+        ("midpoint h=0.5 copy", {"dynamics": "midpoint", "step_size": 0.5, "initial_state": "copy"}),
+    ]
     for name, kw in recipes if "before" in phases else []:
         kw = kw or {"dynamics": "euler"}
         m = convert(orig, **kw)
@@ -165,8 +194,14 @@ def main():
         lr = args.distill_lr or args.lr
 
         def result(partial):  # partial results are written at every mark, so a killed run keeps its curve
-            r = {"curve": curve, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
-                 "memory_free": bool(model.config.memory_free), "lr": lr}
+            r = {
+                "curve": curve,
+                "steps": step,
+                "tokens": tokens,
+                "seconds": time.perf_counter() - t0,
+                "memory_free": bool(model.config.memory_free),
+                "lr": lr,
+            }
             return {**r, "partial": True} if partial else r
 
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -209,9 +244,13 @@ def main():
         else:
             est_steps = max(1, res["distill"]["midpoint_a k=4"]["steps"] * args.anneal_minutes / args.distill_minutes)
             minutes = args.anneal_minutes
-        res["distill"]["midpoint_a k=4->0 annealed"] = distill(m, minutes, AnnealA(4, 0, int(est_steps * 0.8)),
-                                                               label="midpoint_a k=4->0 annealed",
-                                                               max_tokens=args.anneal_tokens or None)
+        res["distill"]["midpoint_a k=4->0 annealed"] = distill(
+            m,
+            minutes,
+            AnnealA(4, 0, int(est_steps * 0.8)),
+            label="midpoint_a k=4->0 annealed",
+            max_tokens=args.anneal_tokens or None,
+        )
         _write(res)
 
     # -- 3. step cost ----------------------------------------------------------------------------------
@@ -233,30 +272,59 @@ def _write(res):
     tmp = OUT / "convert_smollm2.json.tmp"  # atomic: a run killed mid-write keeps the previous JSON
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, OUT / "convert_smollm2.json")
-    md = [f"# SmolLM2-135M-Instruct conversion ({res['machine']})", "", "Commands: " + "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command")])), "",
-          f"Held-out: last {res['held_out_tokens']} tokens of the KJV (end of Revelation), verse numbers removed.", "",
-          "## Before training", "", "| conversion | perplexity | KL(original ‖ converted), nats/token |", "|---|---|---|"]
+    md = [
+        f"# SmolLM2-135M-Instruct conversion ({res['machine']})",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command")])),
+        "",
+        f"Held-out: last {res['held_out_tokens']} tokens of the KJV (end of Revelation), verse numbers removed.",
+        "",
+        "## Before training",
+        "",
+        "| conversion | perplexity | KL(original ‖ converted), nats/token |",
+        "|---|---|---|",
+    ]
     for name, r in res["before"].items():
         md.append(f"| {name} | {r['perplexity']:.4g} | {r['kl']:.4g} |")
     if res["distill"]:
-        md += ["", "## Distillation (KL to the original, T = 1)", "",
-               "| model | lr | tokens | steps | seconds | memory-free | perplexity before → after |", "|---|---|---|---|---|---|---|"]
+        md += [
+            "",
+            "## Distillation (KL to the original, T = 1)",
+            "",
+            "| model | lr | tokens | steps | seconds | memory-free | perplexity before → after |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in res["distill"].items():
             c = r["curve"]
-            md.append(f"| {name}{' (partial: run stopped)' if r.get('partial') else ''} | {r.get('lr', 5e-5):g} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
-                      f"{c[0]['perplexity']:.4g} → {c[-1]['perplexity']:.4g} |")
-        md += ["", "Curves (tokens: perplexity): " + "; ".join(
-            f"{n}: " + ", ".join(f"{p['tokens']}: {p['perplexity']:.4g}" for p in r["curve"]) for n, r in res["distill"].items())]
+            md.append(
+                f"| {name}{' (partial: run stopped)' if r.get('partial') else ''} | {r.get('lr', 5e-5):g} | {r['tokens']} | {r['steps']} | {r['seconds']:.0f} | {r['memory_free']} | "
+                f"{c[0]['perplexity']:.4g} → {c[-1]['perplexity']:.4g} |"
+            )
+        md += [
+            "",
+            "Curves (tokens: perplexity): "
+            + "; ".join(
+                f"{n}: " + ", ".join(f"{p['tokens']}: {p['perplexity']:.4g}" for p in r["curve"])
+                for n, r in res["distill"].items()
+            ),
+        ]
     if res["cost"]:
-        md += ["", f"## Step cost (batch {res.get('cost_batch')})", "",
-               "Each row in a fresh process; peak = RSS high-water mark (weights, optimizer state and, for",
-               "distillation, the frozen teacher included); over loaded = peak minus RSS after loading the models.", "",
-               "| step | s/step | tokens/s | saved activations (MiB) | peak RSS (MiB) | peak over loaded (MiB) |",
-               "|---|---|---|---|---|---|"]
+        md += [
+            "",
+            f"## Step cost (batch {res.get('cost_batch')})",
+            "",
+            "Each row in a fresh process; peak = RSS high-water mark (weights, optimizer state and, for",
+            "distillation, the frozen teacher included); over loaded = peak minus RSS after loading the models.",
+            "",
+            "| step | s/step | tokens/s | saved activations (MiB) | peak RSS (MiB) | peak over loaded (MiB) |",
+            "|---|---|---|---|---|---|",
+        ]
         b, t = map(int, res["cost_batch"].split("x"))
         for name, r in res["cost"].items():
-            md.append(f"| {name} | {r['s_per_step']:.2f} | {b * t / r['s_per_step']:.0f} | "
-                      f"{r['saved_activations_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['peak_over_loaded_mib']:.0f} |")
+            md.append(
+                f"| {name} | {r['s_per_step']:.2f} | {b * t / r['s_per_step']:.0f} | "
+                f"{r['saved_activations_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['peak_over_loaded_mib']:.0f} |"
+            )
     (OUT / "convert_smollm2.md").write_text("\n".join(md) + "\n")
     _plot(res)
 
@@ -280,8 +348,10 @@ def _plot(res):
     # Near-Euler runs sit within a few % of the original, the retrofits start at 1e5-1e17: two scales.
     near = {n: r for n, r in res["distill"].items() if n.startswith("midpoint_a k=") and "anneal" not in n}
     far = {n: r for n, r in res["distill"].items() if n not in near}
-    for ax, runs, title in ((axes[1], near, "distillation: near-Euler (linear)"),
-                            (axes[2], far, "distillation: retrofits, annealing (log)")):
+    for ax, runs, title in (
+        (axes[1], near, "distillation: near-Euler (linear)"),
+        (axes[2], far, "distillation: retrofits, annealing (log)"),
+    ):
         for n, r in runs.items():
             ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], marker="o", label=n)
         ax.axhline(orig, color="k", lw=0.8, ls="--", label="original")

@@ -8,6 +8,7 @@ forward + backward.
     python benchmarks/core_step_time.py                       # 12 layers, d=512, batch 8 x 256, CPU fp32
     python benchmarks/core_step_time.py --dynamics midpoint leapfrog hamiltonian --rounds 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,13 @@ def machine() -> str:
 
 def build(dynamics: str, memory_free: bool, args) -> revllm.RevLLMForCausalLM:
     cfg = revllm.RevLLMConfig(
-        block=args.block, dynamics=dynamics, memory_free=memory_free, num_hidden_layers=args.layers,
-        hidden_size=args.hidden, num_attention_heads=args.heads, vocab_size=args.vocab,
+        block=args.block,
+        dynamics=dynamics,
+        memory_free=memory_free,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        vocab_size=args.vocab,
         max_position_embeddings=args.seq,
     )
     torch.manual_seed(0)
@@ -81,9 +87,20 @@ def main():
         s, m = statistics.median(times[f"{dyn} stored"]), statistics.median(times[f"{dyn} memory-free"])
         rows.append(dict(dynamics=dyn, stored_s=s, memory_free_s=m, ratio=m / s))
     result = dict(
-        machine=machine(), torch=torch.__version__, block=args.block, layers=args.layers, hidden=args.hidden,
-        heads=args.heads, vocab=args.vocab, batch=args.batch, seq=args.seq, rounds=args.rounds,
-        precision="fp32", target_ratio=1.35, rows=rows, times=times,
+        machine=machine(),
+        torch=torch.__version__,
+        block=args.block,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        vocab=args.vocab,
+        batch=args.batch,
+        seq=args.seq,
+        rounds=args.rounds,
+        precision="fp32",
+        target_ratio=1.35,
+        rows=rows,
+        times=times,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "core_step_time.json").write_text(json.dumps(result, indent=2))
@@ -97,7 +114,9 @@ def main():
     ]
     for r in rows:
         ok = "met" if r["ratio"] <= 1.35 else "missed"
-        lines.append(f"| {r['dynamics']} | {r['stored_s']:.3f} | {r['memory_free_s']:.3f} | {r['ratio']:.3f}x | <= 1.35x ({ok}) |")
+        lines.append(
+            f"| {r['dynamics']} | {r['stored_s']:.3f} | {r['memory_free_s']:.3f} | {r['ratio']:.3f}x | <= 1.35x ({ok}) |"
+        )
     (args.out / "core_step_time.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,6 +13,7 @@ Three measurements, one run, one machine:
     python benchmarks/exact_reversal.py                  # defaults below, CPU
     python benchmarks/exact_reversal.py --rounds 9 --time-hidden 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,15 @@ def machine() -> str:
 
 
 def build(name, layers, hidden, vocab, seq, block="llama", sharpen=1.0, seed=0, **kw):
-    cfg = dict(dynamics=name, block=block, num_hidden_layers=layers, hidden_size=hidden,
-               num_attention_heads=max(1, hidden // 32), vocab_size=vocab, max_position_embeddings=seq)
+    cfg = dict(
+        dynamics=name,
+        block=block,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=max(1, hidden // 32),
+        vocab_size=vocab,
+        max_position_embeddings=seq,
+    )
     cfg.update(DYNAMICS[name])
     cfg.update(kw)
     torch.manual_seed(seed)
@@ -75,15 +83,25 @@ def cosine_rows(args):
         for block in ("llama", "gpt2"):
             for seed in range(args.seeds):
                 model = build(name, args.layers, args.hidden, args.vocab, args.seq, block, args.sharpen, seed)
-                ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(seed))
+                ids = torch.randint(
+                    0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(seed)
+                )
                 true_f = grad(model, ids, False, False)  # stored activations, float streams
                 mf_f = grad(model, ids, True, False)
                 true_e = grad(model, ids, False, True)  # stored activations, exact streams
                 mf_e = grad(model, ids, True, True)
                 cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()  # noqa: E731
-                rows.append(dict(dynamics=name, block=block, seed=seed, cos_float=cos(mf_f, true_f),
-                                 cos_exact=cos(mf_e, true_e), exact_bitwise=bool(torch.equal(mf_e, true_e)),
-                                 cos_exact_vs_float_true=cos(mf_e, true_f)))
+                rows.append(
+                    dict(
+                        dynamics=name,
+                        block=block,
+                        seed=seed,
+                        cos_float=cos(mf_f, true_f),
+                        cos_exact=cos(mf_e, true_e),
+                        exact_bitwise=bool(torch.equal(mf_e, true_e)),
+                        cos_exact_vs_float_true=cos(mf_e, true_f),
+                    )
+                )
     return rows
 
 
@@ -111,8 +129,18 @@ def time_rows(args):
         tf, te = times[name, prec, False], times[name, prec, True]
         f, e = statistics.median(tf), statistics.median(te)
         # min over rounds is the least disturbed by other processes on a shared machine
-        rows.append(dict(dynamics=name, precision=prec, float_s=f, exact_s=e, overhead=e / f - 1,
-                         overhead_min=min(te) / min(tf) - 1, float_times=tf, exact_times=te))
+        rows.append(
+            dict(
+                dynamics=name,
+                precision=prec,
+                float_s=f,
+                exact_s=e,
+                overhead=e / f - 1,
+                overhead_min=min(te) / min(tf) - 1,
+                float_times=tf,
+                exact_times=te,
+            )
+        )
     return rows
 
 
@@ -152,8 +180,15 @@ def arith_rows(args, reps=30):
             blk(yi, part=part, **kw).sum().backward()
 
         f, e, b = best(flt), best(exact), best(block)
-        rows.append(dict(dynamics=name, float_arith_s=f, exact_arith_s=e, block_fwd_bwd_s=b,
-                         extra_fraction_of_step=(e - f) / (2 * b + f)))  # step ~ fwd + (fwd+bwd) per substep
+        rows.append(
+            dict(
+                dynamics=name,
+                float_arith_s=f,
+                exact_arith_s=e,
+                block_fwd_bwd_s=b,
+                extra_fraction_of_step=(e - f) / (2 * b + f),
+            )
+        )  # step ~ fwd + (fwd+bwd) per substep
     return rows
 
 
@@ -178,12 +213,22 @@ def memory_rows(args):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     rows = []
     for layers in tqdm(args.depths, desc="memory"):
-        for label, kw in [("stored", dict(memory_free=False)), ("memory-free float", dict(memory_free=True)),
-                          ("memory-free exact", dict(memory_free=True, exact_reversal=True))]:
+        for label, kw in [
+            ("stored", dict(memory_free=False)),
+            ("memory-free float", dict(memory_free=True)),
+            ("memory-free exact", dict(memory_free=True, exact_reversal=True)),
+        ]:
             model = build("midpoint_a (random, 4-bit)", layers, args.hidden, args.vocab, args.seq, **kw)
             total, buf = held_bytes(model, ids)
-            rows.append(dict(mode=label, layers=layers, bytes=total, buffer_bytes=buf,
-                             elements=args.batch * args.seq * args.hidden))
+            rows.append(
+                dict(
+                    mode=label,
+                    layers=layers,
+                    bytes=total,
+                    buffer_bytes=buf,
+                    elements=args.batch * args.seq * args.hidden,
+                )
+            )
     return rows
 
 
@@ -191,12 +236,16 @@ def write(result, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     (out / "exact_reversal.json").write_text(json.dumps(result, indent=2))
     a = result["args"]
-    L = [f"Exact vs float streams, memory-free backward. {result['machine']}, torch {result['torch']}.", "",
-         f"### Gradient cosine to the stored-activation gradient ({a['layers']} layers, d={a['hidden']}, "
-         f"batch {a['batch']} x {a['seq']}, bf16 autocast, every matrix x{a['sharpen']}, "
-         f"mean (min) over {a['seeds']} seeds)", "",
-         "| dynamics | block | float streams | exact streams | exact bit-equal to stored | exact vs float-stored |",
-         "|---|---|---|---|---|---|"]
+    L = [
+        f"Exact vs float streams, memory-free backward. {result['machine']}, torch {result['torch']}.",
+        "",
+        f"### Gradient cosine to the stored-activation gradient ({a['layers']} layers, d={a['hidden']}, "
+        f"batch {a['batch']} x {a['seq']}, bf16 autocast, every matrix x{a['sharpen']}, "
+        f"mean (min) over {a['seeds']} seeds)",
+        "",
+        "| dynamics | block | float streams | exact streams | exact bit-equal to stored | exact vs float-stored |",
+        "|---|---|---|---|---|---|",
+    ]
     groups = {}
     for r in result["cosine"]:
         groups.setdefault((r["dynamics"], r["block"]), []).append(r)
@@ -204,29 +253,51 @@ def write(result, out: Path):
         f = [r["cos_float"] for r in rs]
         e = [r["cos_exact"] for r in rs]
         x = [r["cos_exact_vs_float_true"] for r in rs]
-        L.append(f"| {name} | {block} | {statistics.mean(f):.4f} ({min(f):.4f}) | {statistics.mean(e):.4f} ({min(e):.4f}) "
-                 f"| {sum(r['exact_bitwise'] for r in rs)}/{len(rs)} | {statistics.mean(x):.4f} |")
-    L += ["", f"### Step time, exact vs float streams (llama, {a['time_layers']} layers, d={a['time_hidden']}, "
-          f"batch {a['time_batch']} x {a['time_seq']}, memory-free forward+backward, median of {a['rounds']} "
-          "interleaved rounds)", "", "| dynamics | precision | float s/step | exact s/step | overhead (medians) | overhead (minima) |",
-          "|---|---|---|---|---|---|"]
+        L.append(
+            f"| {name} | {block} | {statistics.mean(f):.4f} ({min(f):.4f}) | {statistics.mean(e):.4f} ({min(e):.4f}) "
+            f"| {sum(r['exact_bitwise'] for r in rs)}/{len(rs)} | {statistics.mean(x):.4f} |"
+        )
+    L += [
+        "",
+        f"### Step time, exact vs float streams (llama, {a['time_layers']} layers, d={a['time_hidden']}, "
+        f"batch {a['time_batch']} x {a['time_seq']}, memory-free forward+backward, median of {a['rounds']} "
+        "interleaved rounds)",
+        "",
+        "| dynamics | precision | float s/step | exact s/step | overhead (medians) | overhead (minima) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["time"]:
-        L.append(f"| {r['dynamics']} | {r['precision']} | {r['float_s']:.4f} | {r['exact_s']:.4f} | {100 * r['overhead']:+.1f}% "
-                 f"| {100 * r['overhead_min']:+.1f}% |")
-    L += ["", "### Stream arithmetic alone, per substep (same size, fp32, min of 30 repeats)", "",
-          "| dynamics | float step+inverse | exact step+inverse | block fwd+bwd | exact extra / step (est.) |",
-          "|---|---|---|---|---|"]
+        L.append(
+            f"| {r['dynamics']} | {r['precision']} | {r['float_s']:.4f} | {r['exact_s']:.4f} | {100 * r['overhead']:+.1f}% "
+            f"| {100 * r['overhead_min']:+.1f}% |"
+        )
+    L += [
+        "",
+        "### Stream arithmetic alone, per substep (same size, fp32, min of 30 repeats)",
+        "",
+        "| dynamics | float step+inverse | exact step+inverse | block fwd+bwd | exact extra / step (est.) |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["arith"]:
-        L.append(f"| {r['dynamics']} | {1e3 * r['float_arith_s']:.3f} ms | {1e3 * r['exact_arith_s']:.3f} ms "
-                 f"| {1e3 * r['block_fwd_bwd_s']:.3f} ms | {100 * r['extra_fraction_of_step']:+.1f}% |")
-    L += ["", f"### Memory held between forward and backward (midpoint_a random 4-bit, d={a['hidden']}, "
-          f"batch {a['batch']} x {a['seq']}; saved tensors + low-bit buffer, parameters excluded)", "",
-          "| layers | stored | memory-free float | memory-free exact | of which k-bit buffer |", "|---|---|---|---|---|"]
+        L.append(
+            f"| {r['dynamics']} | {1e3 * r['float_arith_s']:.3f} ms | {1e3 * r['exact_arith_s']:.3f} ms "
+            f"| {1e3 * r['block_fwd_bwd_s']:.3f} ms | {100 * r['extra_fraction_of_step']:+.1f}% |"
+        )
+    L += [
+        "",
+        f"### Memory held between forward and backward (midpoint_a random 4-bit, d={a['hidden']}, "
+        f"batch {a['batch']} x {a['seq']}; saved tensors + low-bit buffer, parameters excluded)",
+        "",
+        "| layers | stored | memory-free float | memory-free exact | of which k-bit buffer |",
+        "|---|---|---|---|---|",
+    ]
     by = {(r["mode"], r["layers"]): r for r in result["memory"]}
     for layers in a["depths"]:
         s, f, e = (by[m, layers] for m in ("stored", "memory-free float", "memory-free exact"))
-        L.append(f"| {layers} | {s['bytes'] / 2**20:.2f} MiB | {f['bytes'] / 2**20:.2f} MiB | {e['bytes'] / 2**20:.2f} MiB "
-                 f"| {e['buffer_bytes'] / 2**10:.1f} KiB ({8 * e['buffer_bytes'] / e['elements'] / layers:.2f} bits/element/layer) |")
+        L.append(
+            f"| {layers} | {s['bytes'] / 2**20:.2f} MiB | {f['bytes'] / 2**20:.2f} MiB | {e['bytes'] / 2**20:.2f} MiB "
+            f"| {e['buffer_bytes'] / 2**10:.1f} KiB ({8 * e['buffer_bytes'] / e['elements'] / layers:.2f} bits/element/layer) |"
+        )
     (out / "exact_reversal.md").write_text("\n".join(L) + "\n")
     plot(result, out / "exact_reversal.png")
     return "\n".join(L)
@@ -252,8 +323,12 @@ def plot(result, path):
     ax[0].set_title(f"{result['args']['layers']} layers, bf16, sharpened weights")
     ax[0].legend()
     # End-to-end medians on a loaded machine are noise-bound; the arithmetic-only estimate is robust.
-    ax[1].bar(list(xs), [100 * next(r["extra_fraction_of_step"] for r in result["arith"] if r["dynamics"] == n)
-                         for n in names], 0.6, label="stream arithmetic (min of repeats)")
+    ax[1].bar(
+        list(xs),
+        [100 * next(r["extra_fraction_of_step"] for r in result["arith"] if r["dynamics"] == n) for n in names],
+        0.6,
+        label="stream arithmetic (min of repeats)",
+    )
     ax[1].axhline(5, color="k", ls="--", lw=0.8, label="5% bar")
     ax[1].set_xticks(list(xs), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax[1].set_ylabel("exact extra time per step (%, est.)")
@@ -285,13 +360,20 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--sections", nargs="*", default=["cosine", "time", "arith", "memory"],
-                   help="sections to (re)measure; the others are kept from an existing results JSON")
+    p.add_argument(
+        "--sections",
+        nargs="*",
+        default=["cosine", "time", "arith", "memory"],
+        help="sections to (re)measure; the others are kept from an existing results JSON",
+    )
     args = p.parse_args()
     old = args.out / "exact_reversal.json"
     result = json.loads(old.read_text()) if old.exists() and len(args.sections) < 4 else {}
     result.update(machine=machine(), torch=torch.__version__)
-    result["args"] = {**result.get("args", {}), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    result["args"] = {
+        **result.get("args", {}),
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     for name, fn in [("cosine", cosine_rows), ("time", time_rows), ("arith", arith_rows), ("memory", memory_rows)]:
         if name in args.sections:
             result[name] = fn(args)

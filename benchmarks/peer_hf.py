@@ -16,6 +16,7 @@ excluded) and, on CUDA, the peak allocated during the step.
     python benchmarks/peer_hf.py --profile                   # + top ops of one step per configuration
     python benchmarks/peer_hf.py --dtype bf16                # bf16 autocast (the default on CUDA)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ from revllm.bench.configs import machine
 from revllm.convert import convert
 from revllm.memory import SavedBytes
 
-SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-             vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
-             max_position_embeddings=2048, hidden_act="silu")
+SHAPE = dict(
+    hidden_size=576,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=2048,
+    hidden_act="silu",
+)
 # name -> (how it is built, what it holds for the backward)
 CONFIGS = {
     "hf": ("HF LlamaForCausalLM", "every layer's activations"),
@@ -143,8 +153,10 @@ def profile(model, ids, amp: dict, top: int) -> list[dict]:
     events = [e for e in p.key_averages() if getattr(e, key) > 0]
     total = sum(getattr(e, key) for e in events)
     events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [{"op": e.key, "share": getattr(e, key) / total, "count": e.count, "self_us": getattr(e, key)}
-            for e in events[:top]]
+    return [
+        {"op": e.key, "share": getattr(e, key) / total, "count": e.count, "self_us": getattr(e, key)}
+        for e in events[:top]
+    ]
 
 
 def run_depth(layers: int, args, device: str, amp: dict) -> dict:
@@ -179,8 +191,14 @@ def run_depth(layers: int, args, device: str, amp: dict) -> dict:
     med = {n: statistics.median(times[n]) for n in names}
     rows = []
     for n in names:
-        row = {"config": n, "label": CONFIGS[n][0], "holds": CONFIGS[n][1], "median_s": med[n], "times": times[n],
-               **mem[n]}
+        row = {
+            "config": n,
+            "label": CONFIGS[n][0],
+            "holds": CONFIGS[n][1],
+            "median_s": med[n],
+            "times": times[n],
+            **mem[n],
+        }
         if "hf" in med:
             row["ratio_hf"] = med[n] / med["hf"]
         if "hf_ckpt" in med:
@@ -211,22 +229,31 @@ def render(result: dict) -> str:
     ]
     for d in result["depths"]:
         peak = any("peak_bytes" in r for r in d["rows"])
-        lines += [f"## {d['layers']} layers", "",
-                  "| configuration | holds for backward | saved for backward (MiB) |"
-                  + (" peak (MiB) |" if peak else "") + " s/step | × HF | × HF+ckpt | × revllm euler stored |",
-                  "|---|---|---|" + ("---|" if peak else "") + "---|---|---|---|"]
+        lines += [
+            f"## {d['layers']} layers",
+            "",
+            "| configuration | holds for backward | saved for backward (MiB) |"
+            + (" peak (MiB) |" if peak else "")
+            + " s/step | × HF | × HF+ckpt | × revllm euler stored |",
+            "|---|---|---|" + ("---|" if peak else "") + "---|---|---|---|",
+        ]
         for r in d["rows"]:
             f = lambda k: f"{r[k]:.3f}" if k in r else "—"  # noqa: E731
-            lines.append(f"| {r['label']} | {r['holds']} | {r['saved_bytes'] / MiB:,.0f} |"
-                         + (f" {r['peak_bytes'] / MiB:,.0f} |" if peak else "")
-                         + f" {r['median_s']:.3f} | {f('ratio_hf')} | {f('ratio_hf_ckpt')} | {f('ratio_euler')} |")
+            lines.append(
+                f"| {r['label']} | {r['holds']} | {r['saved_bytes'] / MiB:,.0f} |"
+                + (f" {r['peak_bytes'] / MiB:,.0f} |" if peak else "")
+                + f" {r['median_s']:.3f} | {f('ratio_hf')} | {f('ratio_hf_ckpt')} | {f('ratio_euler')} |"
+            )
         lines.append("")
     if any(d["profile"] for d in result["depths"]):
         lines += ["## Profile: top ops of one step (share of the step's self time, calls)", ""]
         for d in result["depths"]:
             for n, ops in d["profile"].items():
-                lines += [f"**{d['layers']} layers, {CONFIGS[n][0]}**: "
-                          + ", ".join(f"`{o['op']}` {100 * o['share']:.1f}% ({o['count']})" for o in ops), ""]
+                lines += [
+                    f"**{d['layers']} layers, {CONFIGS[n][0]}**: "
+                    + ", ".join(f"`{o['op']}` {100 * o['share']:.1f}% ({o['count']})" for o in ops),
+                    "",
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -245,14 +272,23 @@ def plot(result: dict, path: Path) -> None:
         ax.bar([i + k * w for i in range(len(names))], ratios, w, label=f"{d['layers']} layers")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([i + w * (len(depths) - 1) / 2 for i in range(len(names))])
-    short = {"hf": "HF", "hf_ckpt": "HF\n+ ckpt", "euler": "revllm euler\nstored", "euler_ckpt": "revllm euler\n+ ckpt",
-             "midpoint_mf": "midpoint\nmemory-free", "leapfrog_mf": "leapfrog\nmemory-free",
-             "near_euler_exact": "near-Euler k=4\nexact, mem-free"}
+    short = {
+        "hf": "HF",
+        "hf_ckpt": "HF\n+ ckpt",
+        "euler": "revllm euler\nstored",
+        "euler_ckpt": "revllm euler\n+ ckpt",
+        "midpoint_mf": "midpoint\nmemory-free",
+        "leapfrog_mf": "leapfrog\nmemory-free",
+        "near_euler_exact": "near-Euler k=4\nexact, mem-free",
+    }
     ax.set_xticklabels([short[n] for n in names], fontsize=8)
     ax.set_ylabel("step time / HF plain")
     s = result["setup"]
-    ax.set_title(f"Step time vs HF LlamaForCausalLM, SmolLM2-135M shape, batch {s['batch']}×{s['seq']}, {s['dtype']}, "
-                 f"{result['machine']['device']}", fontsize=9)
+    ax.set_title(
+        f"Step time vs HF LlamaForCausalLM, SmolLM2-135M shape, batch {s['batch']}×{s['seq']}, {s['dtype']}, "
+        f"{result['machine']['device']}",
+        fontsize=9,
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,8 +310,7 @@ def merge(paths: list[Path], stem: Path) -> None:
     keep = ("batch", "seq", "dtype", "shape")
     if any({k: r["setup"][k] for k in keep} != {k: runs[0]["setup"][k] for k in keep} for r in runs):
         sys.exit(f"peer_hf: cannot merge runs of different setups ({', '.join(keep)} must match)")
-    out = dict(runs[0], depths=[d for r in runs for d in r["depths"]],
-               command=" ; ".join(r["command"] for r in runs))
+    out = dict(runs[0], depths=[d for r in runs for d in r["depths"]], command=" ; ".join(r["command"] for r in runs))
     out["setup"] = dict(out["setup"], rounds=" / ".join(str(r["setup"]["rounds"]) for r in runs))
     print(write(out, stem.with_name(stem.name + "_" + runs[0].get("tag", "cpu"))))
 
@@ -286,8 +321,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: this process's CPU time, robust on a loaded machine with --threads 1 (CPU only)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time, robust on a loaded machine with --threads 1 (CPU only)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration before the memory pass")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -299,8 +338,13 @@ def main(argv=None):
     p.add_argument("--note", default="", help="free text stored with the result (e.g. 'shared machine')")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="peer_hf")
-    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                   help="only unite runs done separately (e.g. one depth each) into one table; runs nothing")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only unite runs done separately (e.g. one depth each) into one table; runs nothing",
+    )
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out / args.name)
@@ -317,11 +361,24 @@ def main(argv=None):
     import transformers
 
     command = "python benchmarks/peer_hf.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"table": "peer_hf", "command": command.strip(), "note": args.note,
-              "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(device),
-              "setup": {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "dtype": dtype, "clock": args.clock,
-                        "shape": SHAPE, "transformers": transformers.__version__, "configs": args.configs},
-              "depths": []}
+    result = {
+        "table": "peer_hf",
+        "command": command.strip(),
+        "note": args.note,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(device),
+        "setup": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "rounds": args.rounds,
+            "dtype": dtype,
+            "clock": args.clock,
+            "shape": SHAPE,
+            "transformers": transformers.__version__,
+            "configs": args.configs,
+        },
+        "depths": [],
+    }
     result["tag"] = ("cpu" if device == "cpu" else "cuda") + ("" if dtype == "fp32" else "_" + dtype)
     stem = args.out / f"{args.name}_{result['tag']}"
     args.out.mkdir(parents=True, exist_ok=True)

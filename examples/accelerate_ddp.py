@@ -13,6 +13,7 @@ all but the last micro-batch. The memory-free backward needs nothing else, excep
 ``install_fsdp2_recompute_hooks`` must be called after ``prepare`` (see revllm/parallel/wrap.py).
 Checkpoints are revllm's sharded DCP ones (atomic, checksummed, no arbitrary unpickling).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,21 @@ def main(argv=None):
     acc = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
     world, rank = acc.num_processes, acc.process_index
     if args.batch_size % (world * args.grad_accum):
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes x --grad-accum {args.grad_accum}")
+        sys.exit(
+            f"error: --batch-size {args.batch_size} is not divisible by {world} processes x --grad-accum {args.grad_accum}"
+        )
     tokens = load_tokens(args.tokens)
     torch.manual_seed(args.seed)
     config = revllm.RevLLMConfig(
-        block="llama", dynamics=args.dynamics, num_hidden_layers=args.layers, hidden_size=args.hidden,
-        num_attention_heads=4, num_key_value_heads=4, intermediate_size=4 * args.hidden,
-        vocab_size=args.vocab or int(tokens.max()) + 1, max_position_embeddings=args.seq_len,
+        block="llama",
+        dynamics=args.dynamics,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=4 * args.hidden,
+        vocab_size=args.vocab or int(tokens.max()) + 1,
+        max_position_embeddings=args.seq_len,
     )
     model = revllm.RevLLMForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -9,6 +9,7 @@ uint16 ids (nanoGPT's format). Each step every rank reads its own rows of a glob
 seeded generator from the step number alone, so a resumed run sees exactly the batches the
 uninterrupted run would have. Runs on CPU (gloo) and GPU (nccl) alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def main(argv=None):
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if args.batch_size % (world * args.grad_accum):
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum {args.grad_accum}")
+        sys.exit(
+            f"error: --batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum {args.grad_accum}"
+        )
     if args.resume and not args.ckpt:
         sys.exit("error: --resume needs --ckpt")
     tokens = load_tokens(args.tokens)
@@ -76,9 +79,16 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
     config = revllm.RevLLMConfig(
-        block=args.block, dynamics=args.dynamics, num_hidden_layers=args.layers, hidden_size=args.hidden,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, intermediate_size=4 * args.hidden,
-        vocab_size=vocab, max_position_embeddings=args.seq_len, loss_chunk_size=1024,
+        block=args.block,
+        dynamics=args.dynamics,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        intermediate_size=4 * args.hidden,
+        vocab_size=vocab,
+        max_position_embeddings=args.seq_len,
+        loss_chunk_size=1024,
     )
     model = parallelize(revllm.RevLLMForCausalLM(config).to(device), args.parallel, mp_policy=args.mp)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

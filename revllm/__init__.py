@@ -3,6 +3,7 @@
 ``import revllm`` registers ``RevLLMConfig`` / ``RevLLMForCausalLM`` with transformers' Auto classes,
 so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a saved revllm model.
 """
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # The function, not the subpackage: importing it here binds ``revllm.convert`` to the function for good

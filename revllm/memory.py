@@ -16,6 +16,7 @@ This module is on the ground floor: it imports nothing from revllm.
 The instruments live here too: ``rss_bytes`` / ``peak_rss_bytes`` / ``reset_peak_rss`` / ``vm_bytes`` (the
 process), ``cpu_seconds`` (its CPU time), and ``SavedBytes`` (the bytes autograd keeps for backward).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -77,8 +78,14 @@ def configure_allocator(env=None) -> dict:
         _state.update(applied=False, reason="not glibc: the system allocator is left as it is")
         return dict(_state)
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _state.update(applied=bool(ok), reason=(f"glibc mallopt: mmap threshold {MMAP_THRESHOLD // 1024} KiB, "
-                                            f"trim threshold {TRIM_THRESHOLD // 2**20} MiB") if ok else "mallopt refused")
+    _state.update(
+        applied=bool(ok),
+        reason=(
+            f"glibc mallopt: mmap threshold {MMAP_THRESHOLD // 1024} KiB, trim threshold {TRIM_THRESHOLD // 2**20} MiB"
+        )
+        if ok
+        else "mallopt refused",
+    )
     return dict(_state)
 
 
@@ -120,8 +127,10 @@ def peak_memory(device: str = "cpu") -> dict:
     """Whole-process peaks: CPU ``peak_rss_bytes``; CUDA adds torch's allocated and reserved peaks."""
     out = {"peak_rss_bytes": peak_rss_bytes()}
     if device == "cuda":
-        out.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
-                   cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
+        out.update(
+            cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
+            cuda_max_reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
     return out
 
 
@@ -149,8 +158,9 @@ class SavedBytes:
         # Weights are excluded by storage, not type (linear layers save views such as ``weight.t()``).
         # FSDP2 parameters are DTensors whose local shard owns the storage; the root's gathered copy that
         # FSDP2 keeps through the forward is counted, as it is held for the backward.
-        self.exclude = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr()
-                        for m in models for p in m.parameters()}
+        self.exclude = {
+            getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for m in models for p in m.parameters()
+        }
         self.storages: dict[int, int] = {}
         self.tensors = 0
 

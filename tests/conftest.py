@@ -1,4 +1,5 @@
 """Tiny configs shared by the tests. Everything runs on CPU."""
+
 import pytest
 import torch
 

@@ -11,6 +11,7 @@ Rank 0 writes both loss sequences and the largest parameter difference at the en
 ``CKPT_DIR/ft-{ddp,fsdp2}`` (``train ... TOKEN_DIR``); the test compares with one process, same global batch.
 ``deepspeed``: DeepSpeed ZeRO stages 1-3 (its own engine, ``DS_ACCELERATOR=cpu``, gloo) against one process.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -54,7 +55,11 @@ def grads(rank, world, out):
         "ddp-llama-midpoint": (dict(block="llama", dynamics="midpoint"), "ddp", {}),
         "ddp-llama-hamiltonian": (dict(block="llama", dynamics="hamiltonian"), "ddp", {}),
         "ddp-gpt2-midpoint": (dict(block="gpt2", dynamics="midpoint"), "ddp", {}),
-        "ddp-llama-midpoint_a-fixed_point": (dict(block="llama", dynamics="midpoint_a", initial_state="fixed_point"), "ddp", {}),
+        "ddp-llama-midpoint_a-fixed_point": (
+            dict(block="llama", dynamics="midpoint_a", initial_state="fixed_point"),
+            "ddp",
+            {},
+        ),
         "ddp-llama-midpoint-no_sync": (dict(block="llama", dynamics="midpoint"), "ddp", dict(micro=2)),
         "fsdp2-llama-midpoint": (dict(block="llama", dynamics="midpoint", layers=3), "fsdp2", {}),
         "fsdp2-llama-hamiltonian": (dict(block="llama", dynamics="hamiltonian", layers=3), "fsdp2", {}),
@@ -100,8 +105,18 @@ def _params(model):
     return {n: _full(p.detach()).clone() for n, p in inner.named_parameters()}
 
 
-FINETUNE = dict(max_steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=1, eval_interval=3, eval_iters=1,
-                checkpoint_interval=3, log_interval=1, progress=False)
+FINETUNE = dict(
+    max_steps=3,
+    batch_size=2,
+    seq_len=32,
+    lr=1e-3,
+    warmup=1,
+    eval_interval=3,
+    eval_iters=1,
+    checkpoint_interval=3,
+    log_interval=1,
+    progress=False,
+)
 
 
 def finetune_model():
@@ -128,7 +143,10 @@ def train(rank, world, out, ckpt_root, token_dir):
         resumed = _train(model2, opt2, ids, range(state["step"], 5), rank, world)
         end2 = _params(model2)
         results[mode] = {
-            "first": first, "rest": rest, "resumed": resumed, "step": state["step"],
+            "first": first,
+            "rest": rest,
+            "resumed": resumed,
+            "step": state["step"],
             "param_max_abs": max((end[n] - end2[n]).abs().max().item() for n in end),
         }
     from revllm.convert.finetune import finetune
@@ -142,8 +160,15 @@ def train(rank, world, out, ckpt_root, token_dir):
     for lora in (0, 2):
         student = tiny_model(seed=3, vocab_size=300, block="gpt2", dynamics="midpoint", initial_state="fixed_point")
         teacher = tiny_model(seed=4, vocab_size=300, block="gpt2", dynamics="euler")
-        finetune(student, token_dir, Path(ckpt_root) / f"ft-ddp-fixed_point-lora{lora}", parallel="ddp", lora=lora,
-                 loss_fn=DistillLoss(teacher, hidden_weight=1.0), **FINETUNE)
+        finetune(
+            student,
+            token_dir,
+            Path(ckpt_root) / f"ft-ddp-fixed_point-lora{lora}",
+            parallel="ddp",
+            lora=lora,
+            loss_fn=DistillLoss(teacher, hidden_weight=1.0),
+            **FINETUNE,
+        )
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
 
@@ -160,8 +185,12 @@ def deepspeed_grads(rank, world, out):
             kw = dict(block="llama", dynamics=dyn)
             ref = _reference(kw, ids)
             model = tiny_model(**kw)
-            cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
-                   "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}}
+            cfg = {
+                "train_micro_batch_size_per_gpu": B // world,
+                "gradient_accumulation_steps": 1,
+                "zero_allow_untested_optimizer": True,
+                "zero_optimization": {"stage": stage},
+            }
             eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
             local = ids.chunk(world)[rank]
             eng.backward(eng(local, labels=local).loss)

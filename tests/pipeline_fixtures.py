@@ -1,17 +1,21 @@
 """Fixtures for the pipeline tests (data/train/CLI): a tiny corpus and a tiny byte-level BPE tokenizer
 trained on it with `tokenizers`, so the tests never need the SmolLM2 or KJV assets."""
+
 import random
 
 import pytest
 
-WORDS = ("the lord said unto moses and aaron speak unto the children of israel that they bring me an offering "
-         "in the beginning god created the heaven and the earth and the earth was without form and void").split()
+WORDS = (
+    "the lord said unto moses and aaron speak unto the children of israel that they bring me an offering "
+    "in the beginning god created the heaven and the earth and the earth was without form and void"
+).split()
 
 
 def make_text(seed: int, n_lines: int) -> str:
     rng = random.Random(seed)
-    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + ".\n"
-                   for _ in range(n_lines))
+    return "".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + ".\n" for _ in range(n_lines)
+    )
 
 
 def train_tokenizer(path, vocab_size=300, seed=0):
@@ -21,8 +25,12 @@ def train_tokenizer(path, vocab_size=300, seed=0):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(make_text(seed, 400).splitlines(), trainer)
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>").save_pretrained(str(path))
     return path
@@ -54,8 +62,25 @@ def token_dir(tmp_path_factory, tiny_tokenizer, corpus_dir):
 def tiny_train_config(token_dir, out, **kw):
     from revllm.train import TrainConfig
 
-    base = dict(data=str(token_dir), out=str(out), layers=2, hidden=32, heads=4, kv_heads=2, seq_len=32, batch_size=4,
-                max_steps=6, warmup=2, lr=3e-3, eval_interval=3, eval_iters=2, checkpoint_interval=3, keep_last=0,
-                log_interval=1, progress=False, loss_chunk_size=32)
+    base = dict(
+        data=str(token_dir),
+        out=str(out),
+        layers=2,
+        hidden=32,
+        heads=4,
+        kv_heads=2,
+        seq_len=32,
+        batch_size=4,
+        max_steps=6,
+        warmup=2,
+        lr=3e-3,
+        eval_interval=3,
+        eval_iters=2,
+        checkpoint_interval=3,
+        keep_last=0,
+        log_interval=1,
+        progress=False,
+        loss_chunk_size=32,
+    )
     base.update(kw)
     return TrainConfig(**base)

@@ -1,5 +1,6 @@
 """revllm bench on tiny configs: the saved-bytes counter, the worker's JSON, the batch search, the report
 writer, and bad input. Real fresh-process spawns are few (they cost an interpreter start each)."""
+
 import json
 import statistics
 
@@ -51,7 +52,7 @@ def test_worker_prints_one_json_line(capsys):
     assert worker.main([json.dumps(job)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(worker.PREFIX)]
     assert len(lines) == 1
-    res = json.loads(lines[0][len(worker.PREFIX):])
+    res = json.loads(lines[0][len(worker.PREFIX) :])
     assert res["ok"] and res["config"] == "leapfrog" and res["saved_bytes"] > 0 and res["peak_bytes"] > 0
 
 
@@ -63,8 +64,12 @@ def test_worker_refuses_budget_below_model(capsys):
 
 def test_worker_unknown_task_reports_error(capsys):
     worker.main([json.dumps({"task": "nope", **Spec(layers=1, **TINY).to_dict()})])
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1][len(worker.PREFIX):])
-    assert res == {"ok": False, "reason": "error", "detail": "ValueError: unknown task 'nope'; use memory, probe or throughput"}
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1][len(worker.PREFIX) :])
+    assert res == {
+        "ok": False,
+        "reason": "error",
+        "detail": "ValueError: unknown task 'nope'; use memory, probe or throughput",
+    }
 
 
 @pytest.mark.slow
@@ -73,7 +78,10 @@ def test_spawn_runs_a_fresh_process_and_a_budgeted_probe():
     res = process.spawn({"task": "probe", **spec, "budget_bytes": 8 * 2**30}, timeout=300)
     assert res["ok"] and res["step_seconds"] > 0 and res["peak_bytes"] < 8 * 2**30
     # A budget between the model's resident size and its step: the step must fail, not the machine.
-    res = process.spawn({"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20}, timeout=300)
+    res = process.spawn(
+        {"task": "probe", **spec, "batch": 512, "seq": 64, "budget_bytes": res["rss_before_bytes"] + 64 * 2**20},
+        timeout=300,
+    )
     assert not res["ok"] and res["reason"] in ("oom", "over_budget")
 
 
@@ -113,8 +121,14 @@ def fake_worker(job, timeout=None):
     if job.get("task") == "throughput":
         return {**job, "ok": True, "tokens_per_s": 1000.0 * job["batch"] / (job["batch"] + (8 if mf else 1))}
     saved = 2**20 if mf else L * 2**22
-    return {**job, "ok": True, "saved_bytes": saved, "peak_bytes": 2**28 + saved, "peak_step_bytes": saved,
-            "rss_before_bytes": 2**28}
+    return {
+        **job,
+        "ok": True,
+        "saved_bytes": saved,
+        "peak_bytes": 2**28 + saved,
+        "peak_step_bytes": saved,
+        "rss_before_bytes": 2**28,
+    }
 
 
 def test_memory_table_skips_rows_predicted_over_budget_and_report_writes(tmp_path):
@@ -133,8 +147,9 @@ def test_memory_table_skips_rows_predicted_over_budget_and_report_writes(tmp_pat
 
 
 def test_capacity_table_with_fake_probe_and_paper_column(tmp_path):
-    res = capacity.capacity_table(["euler", "euler_ckpt", "midpoint"], [16], Spec(**TINY), budget=2**30,
-                                  worker=fake_worker)
+    res = capacity.capacity_table(
+        ["euler", "euler_ckpt", "midpoint"], [16], Spec(**TINY), budget=2**30, worker=fake_worker
+    )
     best = {r["config"]: r["max_batch"] for r in res["rows"]}
     assert best == {"euler": 5, "euler_ckpt": 5, "midpoint": 40}
     mid = next(r for r in res["rows"] if r["config"] == "midpoint")
@@ -174,14 +189,17 @@ def test_parsers():
         parse_config("euler_stored")
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["bench", "memory", "--configs", "euler,nope"], "unknown configuration 'nope'"),
-    (["bench", "capacity", "--device", "cpu"], "--memory-budget is required on CPU"),
-    (["bench", "capacity", "--memory-budget", "lots"], "cannot read memory size 'lots'"),
-    (["bench", "speed", "--batch", "0"], "--batch must be positive integers"),
-    (["bench", "memory", "--heads", "7"], "--heads 7 must divide --d 512"),
-    (["bench", "report", "--results", "/nonexistent/dir"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["bench", "memory", "--configs", "euler,nope"], "unknown configuration 'nope'"),
+        (["bench", "capacity", "--device", "cpu"], "--memory-budget is required on CPU"),
+        (["bench", "capacity", "--memory-budget", "lots"], "cannot read memory size 'lots'"),
+        (["bench", "speed", "--batch", "0"], "--batch must be positive integers"),
+        (["bench", "memory", "--heads", "7"], "--heads 7 must divide --d 512"),
+        (["bench", "report", "--results", "/nonexistent/dir"], "does not exist"),
+    ],
+)
 def test_cli_bad_input_is_one_line(argv, needle, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -201,7 +219,12 @@ def test_merge_unites_parallel_runs_and_refuses_other_shapes(tmp_path):
     a = memory.memory_table(["euler"], [2, 4], Spec(**TINY), worker=fake_worker)
     b = memory.memory_table(["midpoint"], [2, 8], Spec(**TINY), worker=fake_worker)
     m = report.merge([a, b])
-    assert [(r["config"], r["layers"]) for r in m["rows"]] == [("euler", 2), ("euler", 4), ("midpoint", 2), ("midpoint", 8)]
+    assert [(r["config"], r["layers"]) for r in m["rows"]] == [
+        ("euler", 2),
+        ("euler", 4),
+        ("midpoint", 2),
+        ("midpoint", 8),
+    ]
     assert m["setup"]["depths"] == [2, 4, 8] and m["name"] == "memory"
     assert "| (c) midpoint | 1.0 |  | 1.0 |" in report.render_markdown(m)
     other = memory.memory_table(["midpoint"], [2], Spec(**{**TINY, "seq": 32}), worker=fake_worker)
@@ -231,9 +254,28 @@ def test_parse_ints_sorts_and_refuses_repeats():
 def test_capacity_resume_refuses_another_setup(tmp_path, capsys):
     prev = capacity.capacity_table(["euler"], [2], Spec(**TINY), budget=2**30, worker=fake_worker)
     atomic_write(tmp_path / "prev.json", json.dumps(prev))
-    argv = ["bench", "capacity", "--configs", "euler", "--depths", "2", "--d", str(TINY["d"] * 2), "--heads",
-            str(TINY["heads"]), "--seq", str(TINY["seq"]), "--vocab", str(TINY["vocab"]), "--memory-budget", "1GiB",
-            "--resume", str(tmp_path / "prev.json"), "--out", str(tmp_path / "o")]
+    argv = [
+        "bench",
+        "capacity",
+        "--configs",
+        "euler",
+        "--depths",
+        "2",
+        "--d",
+        str(TINY["d"] * 2),
+        "--heads",
+        str(TINY["heads"]),
+        "--seq",
+        str(TINY["seq"]),
+        "--vocab",
+        str(TINY["vocab"]),
+        "--memory-budget",
+        "1GiB",
+        "--resume",
+        str(tmp_path / "prev.json"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "was measured with another d" in err and not (tmp_path / "o").exists()

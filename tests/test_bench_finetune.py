@@ -1,4 +1,5 @@
 """revllm bench finetune (driver logic with a stand-in worker) and the demo's table and closing line."""
+
 import json
 
 import pytest
@@ -8,14 +9,23 @@ from revllm.bench import finetune as ft
 
 def _fake_worker(peaks, calls, fail_from=None):
     """A worker that 'measures' peak = peaks[config] * tokens; fails as oom from ``fail_from`` tokens on."""
+
     def worker(job, timeout=None, env=None):
         calls.append(job)
         tokens = job["seq"] * job["batch"]
         if fail_from and tokens >= fail_from:
             return {**job, "ok": False, "reason": "oom", "detail": "can't allocate"}
         peak = peaks[job["config"]] * tokens
-        return {**job, "ok": True, "peak_bytes": peak, "load_peak_bytes": 1, "s_per_step": 1.0,
-                "tokens_per_s": float(tokens), "step_times": [1.0]}
+        return {
+            **job,
+            "ok": True,
+            "peak_bytes": peak,
+            "load_peak_bytes": 1,
+            "s_per_step": 1.0,
+            "tokens_per_s": float(tokens),
+            "step_times": [1.0],
+        }
+
     return worker
 
 
@@ -34,14 +44,22 @@ def test_a_failure_skips_larger_shapes_and_resume_reuses_rows(tmp_path):
     reasons = [r.get("reason") for r in first["rows"]]
     assert reasons == [None, "oom", "skipped"] and len(calls) == 2  # 8192 never ran
     calls.clear()
-    again = ft.finetune_table(ft.plan(["hf", "leapfrog"], ["lora"], [512], [1]), resume_rows=first["rows"], worker=worker)
+    again = ft.finetune_table(
+        ft.plan(["hf", "leapfrog"], ["lora"], [512], [1]), resume_rows=first["rows"], worker=worker
+    )
     assert [c["config"] for c in calls] == ["leapfrog"]  # hf at 512 was reused, not measured again
     assert {(r["config"], r["seq"]) for r in again["rows"]} >= {("hf", 512), ("hf", 2048), ("leapfrog", 512)}
 
 
 def test_fits_uses_the_measured_peak_with_loading():
-    rows = [dict(config="hf", mode="lora", seq=s, batch=1, ok=True, peak_bytes=s * 2**20, load_peak_bytes=0) for s in (512, 2048)]
-    rows += [dict(config="hf", mode="lora", seq=1024, batch=b, ok=True, peak_bytes=b * 2**30, load_peak_bytes=0) for b in (2, 4)]
+    rows = [
+        dict(config="hf", mode="lora", seq=s, batch=1, ok=True, peak_bytes=s * 2**20, load_peak_bytes=0)
+        for s in (512, 2048)
+    ]
+    rows += [
+        dict(config="hf", mode="lora", seq=1024, batch=b, ok=True, peak_bytes=b * 2**30, load_peak_bytes=0)
+        for b in (2, 4)
+    ]
     rows += [dict(config="hf", mode="lora", seq=4096, batch=1, ok=True, peak_bytes=10, load_peak_bytes=2**40)]
     assert ft.fits(rows, 3 * 2**30)[("hf", "lora")] == {"seq": 2048, "batch": 2}
 
@@ -49,6 +67,7 @@ def test_fits_uses_the_measured_peak_with_loading():
 def test_too_small_a_limit_is_one_clear_error():
     def worker(job, timeout=None, env=None):
         return {**job, "ok": False, "reason": "model_over_budget", "detail": "the model alone takes 900 MiB RSS"}
+
     from revllm.errors import RevLLMError
 
     with pytest.raises(RevLLMError, match="too small for batch 1: the model alone takes 900 MiB"):
@@ -83,9 +102,11 @@ def test_demo_table_and_closing_line(tmp_path):
     from revllm.commands.demo import closing_line, comparison_table
 
     runs = [tmp_path / n for n in ("midpoint", "euler", "euler_ckpt")]
-    summaries = [dict(memory_free=True, steps=40, val_loss=6.1, tokens_per_s=900, activation_mb=2.5, peak_mb=900),
-                 dict(memory_free=False, steps=40, val_loss=6.0, tokens_per_s=1000, activation_mb=700, peak_mb=1800),
-                 dict(memory_free=False, steps=40, val_loss=6.0, tokens_per_s=800, activation_mb=40, peak_mb=1000)]
+    summaries = [
+        dict(memory_free=True, steps=40, val_loss=6.1, tokens_per_s=900, activation_mb=2.5, peak_mb=900),
+        dict(memory_free=False, steps=40, val_loss=6.0, tokens_per_s=1000, activation_mb=700, peak_mb=1800),
+        dict(memory_free=False, steps=40, val_loss=6.0, tokens_per_s=800, activation_mb=40, peak_mb=1000),
+    ]
     console = Console(record=True, width=200)
     console.print(comparison_table(runs, summaries))
     text = console.export_text()

@@ -1,5 +1,6 @@
 """The revllm console script end to end on a tiny corpus: data -> train -> (eval) -> generate -> report,
 exit codes and one-line errors for bad input, and resume after kill -9."""
+
 import json
 import os
 import signal
@@ -16,8 +17,29 @@ from revllm import io as rio
 from revllm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--warmup", "2", "--lr", "3e-3", "--eval-iters", "2", "--loss-chunk-size", "32", "--no-progress"]
+TINY = [
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--warmup",
+    "2",
+    "--lr",
+    "3e-3",
+    "--eval-iters",
+    "2",
+    "--loss-chunk-size",
+    "32",
+    "--no-progress",
+]
 
 
 def _env():
@@ -25,20 +47,55 @@ def _env():
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "revllm.cli", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "revllm.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        **kw,
+    )
 
 
 def test_pipeline_end_to_end(tmp_path, corpus_dir, tiny_tokenizer, capsys):
     tok = tmp_path / "tok"
-    assert main(["data", str(corpus_dir), "--out", str(tok), "--tokenizer", str(tiny_tokenizer), "--val-fraction", "0.1",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                str(corpus_dir),
+                "--out",
+                str(tok),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--val-fraction",
+                "0.1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "train +" in capsys.readouterr().out
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("max-steps: 4\neval_interval: 2\ncheckpoint_interval: 2\nlog_interval: 1\n")
     for dyn in ("midpoint", "euler"):
-        assert main(["train", "--data", str(tok), "--out", str(tmp_path / dyn), "--config", str(cfg), "--dynamics", dyn,
-                     *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(tok),
+                    "--out",
+                    str(tmp_path / dyn),
+                    "--config",
+                    str(cfg),
+                    "--dynamics",
+                    dyn,
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     assert "val loss" in capsys.readouterr().out
     s = json.loads((tmp_path / "midpoint" / "summary.json").read_text())
     assert s["steps"] == 4 and s["config"]["layers"] == 2 and s["memory_free"]
@@ -49,15 +106,58 @@ def test_pipeline_end_to_end(tmp_path, corpus_dir, tiny_tokenizer, capsys):
         assert "perplexity" in capsys.readouterr().out
     except ImportError:
         pass
-    assert main(["generate", str(tmp_path / "midpoint"), "--prompt", "In the beginning", "--max-new-tokens", "5",
-                 "--greedy"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "midpoint"),
+                "--prompt",
+                "In the beginning",
+                "--max-new-tokens",
+                "5",
+                "--greedy",
+            ]
+        )
+        == 0
+    )
     g1 = capsys.readouterr().out
     assert g1.startswith("In the beginning") and len(g1) > len("In the beginning")
-    assert main(["generate", str(tmp_path / "midpoint"), "--prompt", "In the beginning", "--max-new-tokens", "5",
-                 "--greedy"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "midpoint"),
+                "--prompt",
+                "In the beginning",
+                "--max-new-tokens",
+                "5",
+                "--greedy",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == g1  # greedy is deterministic
-    assert main(["generate", str(tmp_path / "midpoint"), "--prompt", "The lord", "--max-new-tokens", "5",
-                 "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "midpoint"),
+                "--prompt",
+                "The lord",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("The lord")
     assert main(["report", str(tmp_path / "midpoint"), str(tmp_path / "euler"), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -86,8 +186,23 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
         main(["train", "--data", str(token_dir), "--bogus-flag", "1"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus-flag" in capsys.readouterr().err
     run = tmp_path / "run"
-    assert main(["train", "--data", str(token_dir), "--out", str(run), "--max-steps", "2", "--checkpoint-interval", "1",
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(token_dir),
+                "--out",
+                str(run),
+                "--max-steps",
+                "2",
+                "--checkpoint-interval",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     y = tmp_path / "c.yaml"
     y.write_text("nonsense_key: 1\n")
@@ -108,8 +223,10 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
         f.truncate(64)
     assert main(["generate", str(newest), "--prompt", "x", "--greedy", "--max-new-tokens", "2"]) == 2
     assert "corrupted" in _err(capsys)
-    assert main(["train", "--data", str(token_dir), "--out", str(run), "--resume", "--max-steps", "3",
-                 "--no-progress"]) == 0
+    assert (
+        main(["train", "--data", str(token_dir), "--out", str(run), "--resume", "--max-steps", "3", "--no-progress"])
+        == 0
+    )
     assert "is corrupted (" in capsys.readouterr().err
     # resumed from step 1 (the good one); step 2 was redone and replaced the corrupted copy; keep_last=2
     assert [c.name for c in rio.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
@@ -120,11 +237,26 @@ def test_bad_inputs_one_line_errors(tmp_path, token_dir, capsys):
 @pytest.mark.slow
 def test_kill9_then_resume_bit_identical(tmp_path, token_dir):
     """kill -9 during training, then --resume: final weights equal an uninterrupted run's (CPU, same seed)."""
-    args = ["--data", token_dir, "--max-steps", "16", "--checkpoint-interval", "2", "--keep-last", "2",
-            "--eval-interval", "10", *TINY]
+    args = [
+        "--data",
+        token_dir,
+        "--max-steps",
+        "16",
+        "--checkpoint-interval",
+        "2",
+        "--keep-last",
+        "2",
+        "--eval-interval",
+        "10",
+        *TINY,
+    ]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "revllm.cli", "train", "--out", str(killed), *map(str, args)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "revllm.cli", "train", "--out", str(killed), *map(str, args)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "step_00000004").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"

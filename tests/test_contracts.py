@@ -1,6 +1,7 @@
 """README claims that had no test: the CLI's one-line / exit-2 contract (as a subprocess, whole stderr),
 NaN / inf loss, the caller's RNG stream across a dropout replay, checkpoints with a missing file, the
 conversion refusals, and FSDP2 on a model sharded elsewhere / with LoRA (single-process gloo group)."""
+
 import os
 import resource
 import subprocess
@@ -17,21 +18,54 @@ from revllm import io as rio
 from revllm.errors import CheckpointError, RevLLMError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--warmup", "1", "--lr", "3e-3", "--eval-iters", "1", "--eval-interval", "100", "--loss-chunk-size", "32",
-        "--no-progress"]
+TINY = [
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--warmup",
+    "1",
+    "--lr",
+    "3e-3",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "100",
+    "--loss-chunk-size",
+    "32",
+    "--no-progress",
+]
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-                OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
 
 
 def _run(args, code=None, preexec_fn=None):
     """``revllm ARGS`` in a fresh interpreter; ``code`` runs first (to inject a fault)."""
     prog = (code or "") + "\nimport sys\nfrom revllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", prog, *map(str, args)], capture_output=True, text=True, env=_env(),
-                          timeout=300, preexec_fn=preexec_fn, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", prog, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        preexec_fn=preexec_fn,
+        cwd=ROOT,
+    )
 
 
 def _one_line(r, command, *needles):
@@ -57,8 +91,13 @@ def test_cli_binary_input_is_one_line_exit_2(tmp_path):
 def test_cli_foreign_tokenizer_is_one_line_exit_2(tmp_path, token_dir, corpus_dir):
     from revllm.data import prepare_tokens
 
-    prepare_tokens([corpus_dir], tmp_path / "other", tokenizer=str(train_tokenizer(tmp_path / "bpe2", 250, seed=1)),
-                           val_fraction=0.1, progress=False)
+    prepare_tokens(
+        [corpus_dir],
+        tmp_path / "other",
+        tokenizer=str(train_tokenizer(tmp_path / "bpe2", 250, seed=1)),
+        val_fraction=0.1,
+        progress=False,
+    )
     run = tmp_path / "run"
     r = _run(["train", "--data", token_dir, "--out", run, "--max-steps", 1, "--checkpoint-interval", 1, *TINY])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -83,8 +122,10 @@ _FAULT = textwrap.dedent("""
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_cli_non_finite_loss_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, token_dir, value):
     run = tmp_path / "run"
-    r = _run(["train", "--data", token_dir, "--out", run, "--max-steps", 5, "--checkpoint-interval", 2, *TINY],
-             code=_FAULT.format(value=value))
+    r = _run(
+        ["train", "--data", token_dir, "--out", run, "--max-steps", 5, "--checkpoint-interval", 2, *TINY],
+        code=_FAULT.format(value=value),
+    )
     _one_line(r, "train", f"loss is {value} at step 3", "step_00000002")
     ckpts = rio.list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step_00000002"]
@@ -99,8 +140,10 @@ def _limit_file_size():
 
 def test_cli_full_disk_is_one_line_exit_2(tmp_path, token_dir):
     run = tmp_path / "run"
-    r = _run(["train", "--data", token_dir, "--out", run, "--max-steps", 2, "--checkpoint-interval", 1, *TINY],
-             preexec_fn=_limit_file_size)
+    r = _run(
+        ["train", "--data", token_dir, "--out", run, "--max-steps", 2, "--checkpoint-interval", 1, *TINY],
+        preexec_fn=_limit_file_size,
+    )
     _one_line(r, "train")
     assert rio.list_checkpoints(run) == []  # no half-written checkpoint left behind
 
@@ -235,8 +278,15 @@ def test_sharded_checkpoint_of_another_architecture_is_a_checkpoint_error(tmp_pa
 def _llama_cfg(**kw):
     import transformers as t
 
-    return t.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=97, **kw)
+    return t.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=97,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("case", ["rope_scaling", "sliding_window", "mlp_bias"])
@@ -246,11 +296,23 @@ def test_conversion_refuses_unsupported_features(case):
     from revllm.convert.from_hf import translate_config
 
     cfg, msg = {
-        "rope_scaling": (_llama_cfg(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-                         "RoPE scaling"),
-        "sliding_window": (t.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         intermediate_size=64, vocab_size=97, use_sliding_window=True, sliding_window=8),
-                           "sliding-window"),
+        "rope_scaling": (
+            _llama_cfg(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+            "RoPE scaling",
+        ),
+        "sliding_window": (
+            t.Qwen2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=97,
+                use_sliding_window=True,
+                sliding_window=8,
+            ),
+            "sliding-window",
+        ),
         "mlp_bias": (_llama_cfg(mlp_bias=True), "mlp_bias=True"),
     }[case]
     with pytest.raises(RevLLMError, match=msg):

@@ -1,16 +1,16 @@
 """Conversion of tiny random GPT-2 / Llama / Qwen2 HF models: weights, logits, gradients, save/load."""
+
 import json
 import warnings
 
 import pytest
 import torch
+from hf_tiny import FAMILIES, tiny_hf
 from transformers import AutoModelForCausalLM
 
 import revllm
 from revllm.convert import convert, save_converted
 from revllm.errors import RevLLMError
-
-from hf_tiny import FAMILIES, tiny_hf
 
 RETROFIT = ["midpoint", "leapfrog", "hamiltonian"]
 
@@ -27,10 +27,10 @@ def test_every_weight_lands(family):
     prefix = "transformer." if family == "gpt2" else "model."
     rsd = rev.state_dict()
     for key, t in ref.items():
-        rkey = "model." + key[len(prefix):] if key.startswith(prefix) else key
+        rkey = "model." + key[len(prefix) :] if key.startswith(prefix) else key
         assert rkey in rsd, rkey
         assert torch.equal(rsd[rkey], t), rkey
-    extra = set(rsd) - {("model." + k[len(prefix):]) if k.startswith(prefix) else k for k in ref}
+    extra = set(rsd) - {("model." + k[len(prefix) :]) if k.startswith(prefix) else k for k in ref}
     assert extra <= {"lm_head.weight"}  # tied head
     if family == "qwen2":
         assert rev.config.qkv_bias and rev.model.layers[0].self_attn.q_proj.bias is not None
@@ -192,7 +192,9 @@ def test_distill_loss_matches_manual_kl_and_vanishes_for_identical_student():
     loss, met = DistillLoss(src, temperature=2.0)(same, {"input_ids": ids})
     assert abs(loss.item()) < 1e-6 and abs(met["kl"]) < 1e-6
     student = convert(src, dynamics="midpoint", dtype=torch.float64).train()
-    loss, met = DistillLoss(src, temperature=2.0, ce_weight=0.5, hidden_weight=0.1, chunk_tokens=7)(student, {"input_ids": ids})
+    loss, met = DistillLoss(src, temperature=2.0, ce_weight=0.5, hidden_weight=0.1, chunk_tokens=7)(
+        student, {"input_ids": ids}
+    )
     with torch.no_grad():
         lq = F.log_softmax(student(ids).logits / 2, -1)
         lp = F.log_softmax(src(ids).logits / 2, -1)
@@ -266,8 +268,16 @@ def _token_dir(path, n_train=3000, n_val=600, vocab=97):
     rng = np.random.default_rng(0)
     rng.integers(0, vocab, n_train).astype(np.uint16).tofile(path / "train.bin")
     rng.integers(0, vocab, n_val).astype(np.uint16).tofile(path / "val.bin")
-    (path / "meta.json").write_text(json.dumps({"dtype": "uint16", "tokenizer": {"vocab_size": vocab, "name": "test"},
-                                               "train_tokens": n_train, "val_tokens": n_val}))
+    (path / "meta.json").write_text(
+        json.dumps(
+            {
+                "dtype": "uint16",
+                "tokenizer": {"vocab_size": vocab, "name": "test"},
+                "train_tokens": n_train,
+                "val_tokens": n_val,
+            }
+        )
+    )
     return path
 
 
@@ -278,13 +288,31 @@ def test_cli_finetune_distills_on_the_training_loop_and_resumes(tmp_path):
     src.save_pretrained(tmp_path / "hf")
     data = _token_dir(tmp_path / "tok")
     run = tmp_path / "run"
-    common = ["--data", str(data), "--out", str(run), "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
-              "--eval-interval", "2", "--checkpoint-interval", "2", "--warmup", "0"]
+    common = [
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-3",
+        "--eval-interval",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--warmup",
+        "0",
+    ]
     assert cli_main(["finetune", str(tmp_path / "hf"), "--steps", "2", "--dynamics", "midpoint", *common]) == 0
     assert (run / "metrics.csv").is_file() and (run / "checkpoints").is_dir()
     first = AutoModelForCausalLM.from_pretrained(run / "model")
     assert first.config.dynamics == "midpoint"
-    assert cli_main(["finetune", str(tmp_path / "hf"), "--steps", "4", "--resume", "--dynamics", "midpoint", *common]) == 0
+    assert (
+        cli_main(["finetune", str(tmp_path / "hf"), "--steps", "4", "--resume", "--dynamics", "midpoint", *common]) == 0
+    )
     import json
 
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
@@ -296,16 +324,57 @@ def test_cli_finetune_lora_sft_and_anneal(tmp_path):
     rev = convert(tiny_hf("gpt2", dtype=torch.float32), k=3)
     save_converted(rev, tmp_path / "conv")
     data = _token_dir(tmp_path / "tok")
-    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--lora", "4", "--anneal-a", "1", "--steps", "4",
-                     "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "2", "--seq-len", "16",
-                     "--eval-interval", "4", "--checkpoint-interval", "4", "--warmup", "0"]) == 0
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "conv"),
+                "--sft",
+                "--lora",
+                "4",
+                "--anneal-a",
+                "1",
+                "--steps",
+                "4",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--eval-interval",
+                "4",
+                "--checkpoint-interval",
+                "4",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert back.config.midpoint_a == 0.5  # k annealed 3 -> 1
     assert not any("lora" in k for k in back.state_dict())  # adapters merged
     assert cli_main(["finetune", str(tmp_path / "conv"), "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
     # conversion flags on an already converted model would be ignored: refused instead
-    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--dynamics", "leapfrog", "--data", str(data),
-                     "--out", str(tmp_path / "r3")]) == 2
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "conv"),
+                "--sft",
+                "--dynamics",
+                "leapfrog",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "r3"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "r3").exists()
 
 
@@ -316,8 +385,9 @@ def test_annealed_finetune_resumes_its_schedule_bit_identically(tmp_path):
     from revllm.convert.finetune import finetune
 
     data = _token_dir(tmp_path / "tok")
-    opts = dict(max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2,
-                progress=False)
+    opts = dict(
+        max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2, progress=False
+    )
     conv = lambda: convert(tiny_hf("llama", dtype=torch.float32), k=3)  # noqa: E731
     full = finetune(conv(), data, tmp_path / "full", anneal=AnnealA(3, 1, 4), **opts)["model"]
     finetune(conv(), data, tmp_path / "cut", anneal=AnnealA(3, 1, 4), stop_after=2, **opts)
@@ -344,17 +414,74 @@ def test_cli_finetune_of_a_run_of_a_plain_hf_model(tmp_path):
 
     tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")
     data = _token_dir(tmp_path / "tok")
-    small = ["--batch-size", "2", "--seq-len", "16", "--eval-interval", "1", "--checkpoint-interval", "1", "--warmup", "0"]
-    assert cli_main(["train", "--init-from", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "run"),
-                     "--max-steps", "1", "--no-progress", *small]) == 0
-    assert cli_main(["finetune", str(tmp_path / "run"), "--data", str(data), "--out", str(tmp_path / "ft"),
-                     "--steps", "1", *small]) == 0
+    small = [
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-interval",
+        "1",
+        "--checkpoint-interval",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    assert (
+        cli_main(
+            [
+                "train",
+                "--init-from",
+                str(tmp_path / "hf"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "1",
+                "--no-progress",
+                *small,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "run"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "ft"),
+                "--steps",
+                "1",
+                *small,
+            ]
+        )
+        == 0
+    )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "model").config.model_type == "revllm"
 
 
 def _tiny_run_flags(data, out):
-    return ["--data", str(data), "--out", str(out), "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3",
-            "--eval-interval", "2", "--checkpoint-interval", "2", "--warmup", "0"]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-3",
+        "--eval-interval",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--warmup",
+        "0",
+    ]
 
 
 def test_cli_finetune_resume_keeps_the_runs_settings(tmp_path):
@@ -365,12 +492,42 @@ def test_cli_finetune_resume_keeps_the_runs_settings(tmp_path):
     rev = convert(tiny_hf("llama", dtype=torch.float32), k=3)
     save_converted(rev, tmp_path / "conv")
     data, run = _token_dir(tmp_path / "tok"), tmp_path / "run"
-    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--steps", "4", "--max-time", "1e-9",
-                     *_tiny_run_flags(data, run)]) == 0
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "conv"),
+                "--sft",
+                "--steps",
+                "4",
+                "--max-time",
+                "1e-9",
+                *_tiny_run_flags(data, run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "summary.json").read_text())["steps"] == 1  # stopped after its first step
-    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--resume", "--lr", "5e-5",
-                     "--data", str(data), "--out", str(run)]) == 2
-    assert cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--resume", "--data", str(data), "--out", str(run)]) == 0
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "conv"),
+                "--sft",
+                "--resume",
+                "--lr",
+                "5e-5",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+            ]
+        )
+        == 2
+    )
+    assert (
+        cli_main(["finetune", str(tmp_path / "conv"), "--sft", "--resume", "--data", str(data), "--out", str(run)]) == 0
+    )
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 4 and s["config"]["lr"] == 1e-3 and s["config"]["seq_len"] == 16
 
@@ -382,10 +539,39 @@ def test_cli_convert_distill_resume_continues_the_distilled_student(tmp_path, ca
 
     tiny_hf("llama", dtype=torch.float32).save_pretrained(tmp_path / "hf")
     data, out = _token_dir(tmp_path / "tok"), tmp_path / "out"
-    flags = ["--batch-size", "2", "--seq-len", "16", "--lr", "1e-3", "--eval-interval", "2", "--checkpoint-interval", "2",
-             "--warmup", "0"]
-    assert cli_main(["convert", str(tmp_path / "hf"), str(out) + "/", "--k", "3", "--distill", str(data), "--steps", "4",
-                     "--max-time", "1e-9", *flags]) == 0
+    flags = [
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-3",
+        "--eval-interval",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--warmup",
+        "0",
+    ]
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(out) + "/",
+                "--k",
+                "3",
+                "--distill",
+                str(data),
+                "--steps",
+                "4",
+                "--max-time",
+                "1e-9",
+                *flags,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out.run" / "checkpoints").is_dir() and not (out / ".run").exists()
     assert json.loads((out / "conversion_report.json").read_text())["distill"]["steps"] == 1
     assert cli_main(["convert", str(tmp_path / "hf"), str(out), "--k", "3", "--distill", str(data), "--resume"]) == 0
@@ -410,12 +596,34 @@ def test_bad_finetune_inputs_are_one_line_errors(tmp_path, capsys):
 
     data = _token_dir(tmp_path / "tok")
     # --anneal-a on a from-scratch midpoint_a model (random a, no single 2^-k)
-    scratch = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(block="llama", dynamics="midpoint_a", num_hidden_layers=2,
-                                                           hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                                           intermediate_size=64, vocab_size=97))
+    scratch = revllm.RevLLMForCausalLM(
+        revllm.RevLLMConfig(
+            block="llama",
+            dynamics="midpoint_a",
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=97,
+        )
+    )
     scratch.save_pretrained(tmp_path / "scratch")
-    assert cli_main(["finetune", str(tmp_path / "scratch"), "--sft", "--anneal-a", "0", "--steps", "2",
-                     *_tiny_run_flags(data, tmp_path / "r1")]) == 2
+    assert (
+        cli_main(
+            [
+                "finetune",
+                str(tmp_path / "scratch"),
+                "--sft",
+                "--anneal-a",
+                "0",
+                "--steps",
+                "2",
+                *_tiny_run_flags(data, tmp_path / "r1"),
+            ]
+        )
+        == 2
+    )
     assert "needs one coefficient a = 2^-k" in capsys.readouterr().err
     # a teacher with another vocabulary
     student = convert(tiny_hf("llama", dtype=torch.float32), k=3)
@@ -455,9 +663,9 @@ def test_real_smollm2_euler_conversion_matches_and_generates():
     with torch.no_grad():
         assert (rev(ids).logits - src(ids).logits).abs().max() < 1e-3
     out = rev.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
     near = convert(src, k=6)
-    assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(near.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1] :])
 
 
 def _report_oracle(src, conv, ids, win):
@@ -497,20 +705,48 @@ def test_cli_convert_with_report_and_distill(tmp_path, capsys, monkeypatch):
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     # In memory: saved next to a qwen2 config, AutoTokenizer would load it as Qwen2's own tokenizer class.
-    monkeypatch.setattr(importlib.import_module("revllm.commands.convert"), "load_source_tokenizer",
-                        lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
+    monkeypatch.setattr(
+        importlib.import_module("revllm.commands.convert"),
+        "load_source_tokenizer",
+        lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"),
+    )
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
     data = _token_dir(tmp_path / "tok")
     out = tmp_path / "conv"
-    assert cli_main(["convert", str(tmp_path / "hf"), str(out), "--k", "3", "--report-text", str(text), "--seq-len", "32",
-                     "--distill", str(data), "--steps", "2", "--batch-size", "2", "--eval-interval", "2",
-                     "--checkpoint-interval", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(out),
+                "--k",
+                "3",
+                "--report-text",
+                str(text),
+                "--seq-len",
+                "32",
+                "--distill",
+                str(data),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--eval-interval",
+                "2",
+                "--checkpoint-interval",
+                "2",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "conversion_report.json").read_text())
     assert rep["distill"]["steps"] == 2 and rep["report_tokens"] == 300
     # the report's figures (measured before distillation) equal plain forwards of original and conversion
     src32 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    want = _report_oracle(src32, convert(src32, dynamics="midpoint_a", k=3), torch.tensor([(i * 7) % 97 for i in range(300)]), 32)
+    want = _report_oracle(
+        src32, convert(src32, dynamics="midpoint_a", k=3), torch.tensor([(i * 7) % 97 for i in range(300)]), 32
+    )
     got = (rep["original_ppl"], rep["converted_ppl"], rep["kl_original_converted"])
     assert got == pytest.approx(want, rel=1e-4), (got, want)
     assert want[2] > 1e-6  # k=3 really changed the model (a = 1/8): the KL is not a rounding-level zero
@@ -543,15 +779,20 @@ def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch)
     import importlib
     import json
 
-    from revllm.cli import main as cli_main
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from revllm.cli import main as cli_main
 
     tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")  # n_positions=64
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     # In memory: saved next to a gpt2 config, AutoTokenizer would load it as GPT-2's own tokenizer class.
-    monkeypatch.setattr(importlib.import_module("revllm.commands.convert"), "load_source_tokenizer", lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"))
+    monkeypatch.setattr(
+        importlib.import_module("revllm.commands.convert"),
+        "load_source_tokenizer",
+        lambda src: PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0"),
+    )
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(300)))
     assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c2"), "--report-text", str(text)]) == 0
@@ -559,11 +800,18 @@ def test_cli_convert_report_window_fits_the_model(tmp_path, capsys, monkeypatch)
     assert rep["report_tokens"] == 300
     # exact values: windows of min(128, 64 positions) = 64, plain forwards of the source and the saved model
     src32 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    want = _report_oracle(src32, AutoModelForCausalLM.from_pretrained(tmp_path / "c2"),
-                          torch.tensor([(i * 7) % 97 for i in range(300)]), 64)
+    want = _report_oracle(
+        src32,
+        AutoModelForCausalLM.from_pretrained(tmp_path / "c2"),
+        torch.tensor([(i * 7) % 97 for i in range(300)]),
+        64,
+    )
     got = (rep["original_ppl"], rep["converted_ppl"], rep["kl_original_converted"])
     assert got == pytest.approx(want, rel=1e-4), (got, want)
-    for bad, msg in ((["--seq-len", "65"], "exceeds the source model's 64 positions"), (["--report-tokens", "1"], ">= 2")):
+    for bad, msg in (
+        (["--seq-len", "65"], "exceeds the source model's 64 positions"),
+        (["--report-tokens", "1"], ">= 2"),
+    ):
         capsys.readouterr()
         assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c3"), "--report-text", str(text), *bad]) == 2
         assert msg in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """revllm data: token files from text/folders/JSONL/HF datasets; validation of bad input."""
+
 import json
 
 import numpy as np
@@ -54,7 +55,9 @@ def test_streams_in_chunks_and_spreads_val(tmp_path, tiny_tokenizer, monkeypatch
     monkeypatch.setattr(prep, "CHUNK_CHARS", 500)  # many chunks per file
     monkeypatch.setattr(prep, "VAL_BLOCK", 1000)  # many split blocks
     (tmp_path / "big.txt").write_text(make_text(5, 2000))
-    meta = prepare_tokens([tmp_path / "big.txt"], tmp_path / "t", str(tiny_tokenizer), val_fraction=0.05, progress=False)
+    meta = prepare_tokens(
+        [tmp_path / "big.txt"], tmp_path / "t", str(tiny_tokenizer), val_fraction=0.05, progress=False
+    )
     total = meta["train_tokens"] + meta["val_tokens"]
     assert meta["documents"] == 1 and total > 5000
     assert abs(meta["val_tokens"] - 0.05 * total) <= total // 1000 + 1
@@ -67,8 +70,14 @@ def test_bad_input_keeps_existing_tokens(tmp_path, tiny_tokenizer, token_dir, ca
     out = tmp_path / "tok"
     shutil.copytree(token_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    bad = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt", "binary": tmp_path / "x.txt",
-           "empty_folder": tmp_path / "folder", "bad_json": tmp_path / "x.jsonl", "late_bad_utf8": tmp_path / "late.txt"}[case]
+    bad = {
+        "missing": tmp_path / "nope.txt",
+        "empty": tmp_path / "empty.txt",
+        "binary": tmp_path / "x.txt",
+        "empty_folder": tmp_path / "folder",
+        "bad_json": tmp_path / "x.jsonl",
+        "late_bad_utf8": tmp_path / "late.txt",
+    }[case]
     if case == "empty":
         bad.write_text("")
     elif case == "binary":
@@ -80,8 +89,14 @@ def test_bad_input_keeps_existing_tokens(tmp_path, tiny_tokenizer, token_dir, ca
         bad.write_text('{"text": "fine"}\n{oops\n')
     elif case == "late_bad_utf8":  # clean head (passes the binary sniff), a bad byte far past it
         bad.write_bytes(b"In the beginning was the word.\n" * 2000 + b"\xff\xfe bad\n")
-    msg = {"missing": "does not exist", "empty": "is empty", "binary": "looks binary", "empty_folder": "no text files",
-           "bad_json": "not valid JSON", "late_bad_utf8": "late.txt is not UTF-8 text"}[case]
+    msg = {
+        "missing": "does not exist",
+        "empty": "is empty",
+        "binary": "looks binary",
+        "empty_folder": "no text files",
+        "bad_json": "not valid JSON",
+        "late_bad_utf8": "late.txt is not UTF-8 text",
+    }[case]
     with pytest.raises((RevLLMError, FileNotFoundError), match=msg):
         prepare_tokens([bad], out, str(tiny_tokenizer), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
@@ -131,8 +146,24 @@ def test_cli_split_by_document(tmp_path, tiny_tokenizer):
     for i, text in enumerate(texts):
         (corpus / f"{i}.txt").write_text(text)
     out = tmp_path / "tok"
-    assert main(["data", str(corpus), "--out", str(out), "--tokenizer", str(tiny_tokenizer),
-                 "--val-fraction", "0.34", "--split", "document", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--val-fraction",
+                "0.34",
+                "--split",
+                "document",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tok = _tok(tiny_tokenizer)
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [sep] for t in texts]

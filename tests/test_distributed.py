@@ -4,6 +4,7 @@ The per-rank code is tests/dist_worker.py. Each scenario is launched once per mo
 process start-up and work on 2 cores) and the tests below read its results. Each launch gets a free
 port and a timeout, so a hang fails the test instead of blocking the suite.
 """
+
 import json
 import os
 import pickle
@@ -34,12 +35,24 @@ def _free_port() -> int:
 
 
 def _torchrun(*args, env=None, timeout=TIMEOUT_S):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(HERE / "dist_worker.py"),
+        *map(str, args),
+    ]
     path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,8 +76,16 @@ def training(tmp_path_factory, token_dir):
     return json.loads((d / "train.json").read_text()) | {"dir": d}
 
 
-FP32_CASES = ["ddp-llama-midpoint", "ddp-llama-hamiltonian", "ddp-gpt2-midpoint", "ddp-llama-midpoint_a-fixed_point",
-              "fsdp2-llama-midpoint", "fsdp2-llama-hamiltonian", "fsdp2-gpt2-hamiltonian", "fsdp2-gpt2-leapfrog"]
+FP32_CASES = [
+    "ddp-llama-midpoint",
+    "ddp-llama-hamiltonian",
+    "ddp-gpt2-midpoint",
+    "ddp-llama-midpoint_a-fixed_point",
+    "fsdp2-llama-midpoint",
+    "fsdp2-llama-hamiltonian",
+    "fsdp2-gpt2-hamiltonian",
+    "fsdp2-gpt2-leapfrog",
+]
 
 
 @pytest.mark.parametrize("case", FP32_CASES)
@@ -200,11 +221,25 @@ def _revllm_train(nproc, *args):
 def _revllm(nproc, command, *args):
     cmd = [sys.executable, "-m", "revllm.cli", command, *map(str, args)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "revllm.cli", command, *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "revllm.cli",
+            command,
+            *map(str, args),
+        ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -229,16 +264,60 @@ def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, t
     from revllm.io import load_model
     from revllm.train import train
 
-    common = ["--data", token_dir, "--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32,
-              "--max-steps", 4, "--warmup", 2, "--lr", 3e-3, "--eval-interval", 2, "--eval-iters", 2,
-              "--checkpoint-interval", 2, "--keep-last", 0, "--log-interval", 1, "--no-progress",
-              "--loss-chunk-size", 32, "--dynamics", "hamiltonian", "--batch-size", 2, "--parallel", mode]
+    common = [
+        "--data",
+        token_dir,
+        "--layers",
+        2,
+        "--hidden",
+        32,
+        "--heads",
+        4,
+        "--kv-heads",
+        2,
+        "--seq-len",
+        32,
+        "--max-steps",
+        4,
+        "--warmup",
+        2,
+        "--lr",
+        3e-3,
+        "--eval-interval",
+        2,
+        "--eval-iters",
+        2,
+        "--checkpoint-interval",
+        2,
+        "--keep-last",
+        0,
+        "--log-interval",
+        1,
+        "--no-progress",
+        "--loss-chunk-size",
+        32,
+        "--dynamics",
+        "hamiltonian",
+        "--batch-size",
+        2,
+        "--parallel",
+        mode,
+    ]
     run = tmp_path / "run"
     _revllm_train(2, *common, "--out", run)
     full = _rows(run)
     # One process, batch 4 = the same global batch (the sampler draws it whole; each rank takes 2 rows).
-    one = train(tiny_train_config(token_dir, tmp_path / "one", dynamics="hamiltonian", batch_size=4, max_steps=4,
-                                  eval_interval=2, checkpoint_interval=2))
+    one = train(
+        tiny_train_config(
+            token_dir,
+            tmp_path / "one",
+            dynamics="hamiltonian",
+            batch_size=4,
+            max_steps=4,
+            eval_interval=2,
+            checkpoint_interval=2,
+        )
+    )
     one_rows = _rows(tmp_path / "one")
     assert [r["tokens"] for r in full] == [r["tokens"] for r in one_rows]
     for a, b in zip(full, one_rows):
@@ -265,6 +344,25 @@ def test_revllm_convert_distill_under_torchrun(tmp_path):
 
     tiny_hf("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "hf")
     data = _token_dir(tmp_path / "tok")
-    _revllm(2, "convert", tmp_path / "hf", tmp_path / "out", "--distill", data, "--steps", 2, "--batch-size", 2,
-            "--seq-len", 16, "--eval-interval", 2, "--checkpoint-interval", 2, "--warmup", 0, "--no-progress")
+    _revllm(
+        2,
+        "convert",
+        tmp_path / "hf",
+        tmp_path / "out",
+        "--distill",
+        data,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--seq-len",
+        16,
+        "--eval-interval",
+        2,
+        "--checkpoint-interval",
+        2,
+        "--warmup",
+        0,
+        "--no-progress",
+    )
     assert json.loads((tmp_path / "out" / "conversion_report.json").read_text())["distill"]["steps"] == 2

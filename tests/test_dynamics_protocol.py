@@ -1,4 +1,5 @@
 """The dynamics protocol: a rule defines its coefficients, and nothing the engine derives from them."""
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -13,8 +14,7 @@ def test_a_rule_overriding_a_derived_method_is_refused(method):
         raise AssertionError("never called")
 
     with pytest.raises(TypeError, match=rf"overrides {method}: a rule defines only coefficients"):
-        type("MyRule", (Dynamics,), {"name": "my_rule", "coefficients": lambda self, j: (1.0, 0.0, 1.0),
-                                     method: own})
+        type("MyRule", (Dynamics,), {"name": "my_rule", "coefficients": lambda self, j: (1.0, 0.0, 1.0), method: own})
     with pytest.raises(TypeError, match=rf"overrides {method}"):  # also below a concrete rule
         type("MyLeapfrog", (Leapfrog,), {method: own})
 

@@ -1,4 +1,5 @@
 """The reversible engine against ordinary autograd on the same model (float64, tight tolerances)."""
+
 import pytest
 import torch
 from conftest import FAMILIES, REVERSIBLE, tiny_model

@@ -1,4 +1,5 @@
 """revllm eval: perplexity on token dirs / text, KL, lm-eval tasks through HFLM (built-in local task)."""
+
 import json
 import math
 import re
@@ -65,7 +66,9 @@ def test_cli_eval_token_dir_and_text(model_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 95}" for i in range(200)))
     out = tmp_path / "r.json"
-    assert main(["eval", str(path), "--data", str(data), "--text", str(text), "--seq-len", "64", "--json", str(out)]) == 0
+    assert (
+        main(["eval", str(path), "--data", str(data), "--text", str(text), "--seq-len", "64", "--json", str(out)]) == 0
+    )
     r = json.loads(out.read_text())
     ref = evaluate_perplexity(model, torch.from_numpy(ids.astype(np.int64)), seq_len=64)
     assert math.isclose(r["data"]["perplexity"], ref["perplexity"], rel_tol=1e-5)
@@ -82,7 +85,9 @@ def test_cli_eval_bad_inputs_are_one_line_errors(model_dir, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     assert main(["eval", str(path), "--data", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("revllm eval: error:") and "meta.json" in err[0]  # one line, nothing else
+    assert (
+        len(err) == 1 and err[0].startswith("revllm eval: error:") and "meta.json" in err[0]
+    )  # one line, nothing else
 
 
 @pytest.mark.slow  # indexes lm-eval's whole task registry (~1 min on 2 busy cores)
@@ -103,8 +108,9 @@ def test_builtin_task_runs_through_lm_eval(model_dir, tmp_path):
 
     rows = [json.loads(line) for line in (TASKS_DIR / "revllm_commonsense.jsonl").read_text().splitlines()][:6]
     tok = _tokenizer()
-    want = np.mean([int(np.argmax([_loglik(model, tok, r["question"], c) for c in r["choices"]]) == r["label"])
-                    for r in rows])
+    want = np.mean(
+        [int(np.argmax([_loglik(model, tok, r["question"], c) for c in r["choices"]]) == r["label"]) for r in rows]
+    )
     assert res["acc,none"] == pytest.approx(want)
 
 
@@ -132,7 +138,8 @@ def test_user_task_from_include_path_scores_like_the_model(model_dir, tmp_path):
         f"    validation: {tasks / 'piqa_local.jsonl'}\n"
         "output_type: multiple_choice\nvalidation_split: validation\ndoc_to_text: '{{goal}}'\n"
         "doc_to_target: label\ndoc_to_choice: '{{[sol1, sol2]}}'\ntarget_delimiter: ' '\n"
-        "metric_list:\n  - metric: acc\n")
+        "metric_list:\n  - metric: acc\n"
+    )
     out = tmp_path / "r.json"
     assert main(["eval", str(path), "--tasks", "piqa_local", "--include-path", str(tasks), "--json", str(out)]) == 0
     acc = json.loads(out.read_text())["tasks"]["piqa_local"]["acc,none"]
@@ -145,8 +152,9 @@ def test_user_task_from_include_path_scores_like_the_model(model_dir, tmp_path):
             logp = F.log_softmax(model(torch.tensor([c + x])).logits[0].double(), -1)
         return sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(x))
 
-    want = np.mean([int(np.argmax([loglik(d["goal"], d["sol1"]), loglik(d["goal"], d["sol2"])]) == d["label"])
-                    for d in docs])
+    want = np.mean(
+        [int(np.argmax([loglik(d["goal"], d["sol1"]), loglik(d["goal"], d["sol2"])]) == d["label"]) for d in docs]
+    )
     assert acc == pytest.approx(want)
 
 
@@ -177,16 +185,31 @@ def test_standard_tasks_run_lm_evals_own_configs_on_local_data(model_dir, tmp_pa
         d["answer"] = str(1 + pick([_loglik(model, tok, f"{pre} {o}", post) for o in (d["option1"], d["option2"])]))
     # the naive alternatives (bare goal; the option scored after the prefix) disagree somewhere
     assert any(pick([_loglik(model, tok, d["goal"], s) for s in (d["sol1"], d["sol2"])]) != d["label"] for d in piqa)
-    assert any(str(1 + pick([_loglik(model, tok, d["sentence"].split(" _ ")[0], o) for o in (d["option1"], d["option2"])]))
-               != d["answer"] for d in wino)
+    assert any(
+        str(1 + pick([_loglik(model, tok, d["sentence"].split(" _ ")[0], o) for o in (d["option1"], d["option2"])]))
+        != d["answer"]
+        for d in wino
+    )
     # arc_easy ("Question: ...\nAnswer:") and hellaswag ("label: ctx_a Ctx_b", acc on raw endings): gold = the
     # model's own choice under those prompts, so both also score exactly 1.0.
-    arc = [{"id": str(i), "question": words(5), "choices": {"text": [words(2) for _ in range(4)], "label": list("ABCD")}}
-           for i in range(n)]
+    arc = [
+        {"id": str(i), "question": words(5), "choices": {"text": [words(2) for _ in range(4)], "label": list("ABCD")}}
+        for i in range(n)
+    ]
     for d in arc:
-        d["answerKey"] = "ABCD"[pick([_loglik(model, tok, f"Question: {d['question']}\nAnswer:", c) for c in d["choices"]["text"]])]
-    hella = [{"ind": i, "activity_label": words(1), "ctx_a": words(4), "ctx_b": words(2), "endings": [words(3) for _ in range(4)]}
-             for i in range(n)]
+        d["answerKey"] = "ABCD"[
+            pick([_loglik(model, tok, f"Question: {d['question']}\nAnswer:", c) for c in d["choices"]["text"]])
+        ]
+    hella = [
+        {
+            "ind": i,
+            "activity_label": words(1),
+            "ctx_a": words(4),
+            "ctx_b": words(2),
+            "endings": [words(3) for _ in range(4)],
+        }
+        for i in range(n)
+    ]
     for d in hella:
         ctx = f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}"
         d["label"] = str(pick([_loglik(model, tok, ctx, e) for e in d["endings"]]))
@@ -260,8 +283,9 @@ def test_generate_keeps_spaces_with_a_metaspace_tokenizer_and_top_k_0_is_off(mod
     out = capsys.readouterr().out.split()
     assert out[:2] == ["w3", "w4"] and len(out) >= 3 and all(re.fullmatch(r"w\d+", w) for w in out), out
     built, init = [], lp.TopKLogitsWarper.__init__
-    monkeypatch.setattr(lp.TopKLogitsWarper, "__init__",
-                        lambda self, top_k, *a, **k: built.append(top_k) or init(self, top_k, *a, **k))
+    monkeypatch.setattr(
+        lp.TopKLogitsWarper, "__init__", lambda self, top_k, *a, **k: built.append(top_k) or init(self, top_k, *a, **k)
+    )
     assert main(["generate", str(path), "--prompt", "w3", "--max-new-tokens", "1", "--top-k", "0"]) == 0
     assert built == []
 

@@ -1,11 +1,12 @@
 """Exact reversal: fixed-point streams make the memory-free backward bit-identical to the stored one."""
+
 import logging
 import math
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from revllm import RevLLMConfig
 from revllm.dynamics import fixedpoint as fxp
 from revllm.engine import Stack, run_stack

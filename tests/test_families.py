@@ -1,4 +1,5 @@
 """Block families as specs: every HF architecture converts through its spec, Mistral and Gemma included."""
+
 import ast
 import pathlib
 
@@ -82,8 +83,16 @@ def test_gemma_parts_are_gemma_s():
     sqrt(D) embedding scale, rounded through fp32 as HF's buffer is."""
     import revllm
 
-    cfg = revllm.RevLLMConfig(block="gemma", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=97)
+    cfg = revllm.RevLLMConfig(
+        block="gemma",
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=97,
+    )
     model = revllm.RevLLMForCausalLM(cfg)
     assert cfg.hidden_act == "gelu_pytorch_tanh"
     norms = [m for m in model.modules() if type(m).__name__ == "GemmaRMSNorm"]
@@ -110,11 +119,19 @@ def test_lora_targets_come_from_the_spec(family):
 def test_refusals_are_one_line_errors(case):
     import transformers as t
 
-    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, vocab_size=97)
+    kw = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=97,
+    )
     cfg, msg = {
-        "gemma_bidirectional": (t.GemmaConfig(**kw, head_dim=8, use_bidirectional_attention=True),
-                                "use_bidirectional_attention=True"),
+        "gemma_bidirectional": (
+            t.GemmaConfig(**kw, head_dim=8, use_bidirectional_attention=True),
+            "use_bidirectional_attention=True",
+        ),
         "gemma_act": (t.GemmaConfig(**kw, head_dim=8, hidden_act="silu"), "hidden_act='silu' is not supported"),
         "qwen2_window": (t.Qwen2Config(**kw, use_sliding_window=True, sliding_window=8), "sliding-window"),
     }[case]
@@ -135,8 +152,12 @@ def test_unsupported_architecture_lists_every_source():
 
 
 # Code that must read the specs instead of naming a family.
-_SPEC_READERS = ["modeling/configuration_revllm.py", "modeling/modeling_revllm.py", "convert/from_hf.py",
-                 "convert/finetune.py"]
+_SPEC_READERS = [
+    "modeling/configuration_revllm.py",
+    "modeling/modeling_revllm.py",
+    "convert/from_hf.py",
+    "convert/finetune.py",
+]
 
 
 @pytest.mark.parametrize("path", _SPEC_READERS)

@@ -1,13 +1,14 @@
 """Fixed-point arithmetic of exact mode against exact rational arithmetic (``fractions``), and the int64
 headroom check of the held streams (negative streams included). Both are self-consistent inside the
 engine (forward and backward round alike), so only a direct check sees a wrong rounding."""
+
 import math
 from fractions import Fraction
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from revllm.dynamics import fixedpoint as fxp
 from revllm.dynamics.leapfrog import Leapfrog
 from revllm.engine.streams import FixedStreams
@@ -31,7 +32,9 @@ def test_stream_headroom_counts_negative_streams_and_the_growth_factor():
     s = FixedStreams(dyn, bits=56)
     X = s.encode(torch.zeros(4, dtype=torch.float64))
     Y = s.encode(torch.full((4,), -1.0, dtype=torch.float64))
-    Z, _ = s.step(0, X, Y, torch.full((4,), -30.0, dtype=torch.float64))  # z = 2y + f = -32: 2^61 fits, x growth 4 does not
+    Z, _ = s.step(
+        0, X, Y, torch.full((4,), -30.0, dtype=torch.float64)
+    )  # z = 2y + f = -32: 2^61 fits, x growth 4 does not
     assert Z.max() < 0
     with pytest.raises(ValueError, match=r"exact_reversal: a stream reaches .* int64 headroom"):
         s.check()

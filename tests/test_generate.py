@@ -1,7 +1,7 @@
 """KV-cache generation: ``model.generate()`` equals a greedy loop without a cache, for every dynamics."""
+
 import pytest
 import torch
-
 from conftest import ALL_DYNAMICS, FAMILIES, tiny_model
 
 
@@ -37,13 +37,16 @@ def test_cached_step_logits_match_full_forward(block):
         cache = DynamicCache(config=model.config)
         first = model(ids[:, :6], cache=cache, use_cache=True)
         # no attention_mask given: the mask for 3 queries over 9 keys must be built bottom-right aligned
-        rest = model(ids[:, 6:], cache=first.cache if hasattr(first, "cache") else first.past_key_values, use_cache=True)
+        rest = model(
+            ids[:, 6:], cache=first.cache if hasattr(first, "cache") else first.past_key_values, use_cache=True
+        )
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=1e-10, atol=1e-10)
     assert len(cache.layers) == model.config.num_hidden_layers + 1  # fixed_point's f_0 has its own slot
 
 
 def test_converted_model_generates_like_original():
     from hf_tiny import tiny_hf
+
     from revllm.convert import convert
 
     src = tiny_hf("qwen2")
@@ -82,5 +85,10 @@ def test_static_cache_is_refused_with_a_clear_error(initial_state):
     line for every initial state (not a shape error deep in attention)."""
     model = tiny_model(block="llama", dynamics="midpoint", initial_state=initial_state).eval()
     with pytest.raises(ValueError, match="needs a DynamicCache"):
-        model.generate(torch.randint(3, 97, (2, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0,
-                       cache_implementation="static")
+        model.generate(
+            torch.randint(3, 97, (2, 6)),
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )

@@ -1,6 +1,7 @@
 """GGUF conversion: a tiny Llama written to a .gguf file here with the ``gguf`` package (llama.cpp's
 tensor names and its q/k row permutation, F32), converted with ``revllm.convert.convert``: the
 euler conversion reproduces the source model's logits, every weight lands (untied head included)."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """Issue 16: what a new user hit. Non-finite checkpoints, a full disk during a save, stale temp dirs,
 silent changes on resume, validation and logs under several processes, launchers, lm-eval's command
 line, command-line errors, and the KV cache's exactness claim."""
+
 import csv
 import os
 import resource
@@ -22,14 +23,39 @@ from revllm.train import checkpoint as ckpt_io
 from revllm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--warmup", "2", "--eval-iters", "2", "--loss-chunk-size", "32", "--no-progress"]
+TINY = [
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--warmup",
+    "2",
+    "--eval-iters",
+    "2",
+    "--loss-chunk-size",
+    "32",
+    "--no-progress",
+]
 
 
 def _cli(*args, preexec_fn=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "revllm.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "revllm.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
 def _rows(run):
@@ -78,8 +104,24 @@ def test_parameters_poisoned_after_a_finite_loss_are_never_saved(tmp_path, token
 
 def test_cli_lr_1e6_stops_with_a_good_checkpoint_and_eval_generate_refuse_nan(tmp_path, token_dir):
     run = tmp_path / "run"
-    r = _cli("train", "--data", token_dir, "--out", run, *TINY, "--lr", "1e6", "--min-lr", "1", "--max-steps", "8",
-             "--checkpoint-interval", "1", "--keep-last", "0")
+    r = _cli(
+        "train",
+        "--data",
+        token_dir,
+        "--out",
+        run,
+        *TINY,
+        "--lr",
+        "1e6",
+        "--min-lr",
+        "1",
+        "--max-steps",
+        "8",
+        "--checkpoint-interval",
+        "1",
+        "--keep-last",
+        "0",
+    )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("revllm train: error: ") and "training stopped" in last
@@ -95,8 +137,10 @@ def test_cli_lr_1e6_stops_with_a_good_checkpoint_and_eval_generate_refuse_nan(tm
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
-    for args in (["generate", tmp_path / "nan", "--prompt", "the", "--tokenizer", token_dir / "tokenizer", "--greedy"],
-                 ["eval", tmp_path / "nan", "--data", token_dir, "--seq-len", "16"]):
+    for args in (
+        ["generate", tmp_path / "nan", "--prompt", "the", "--tokenizer", token_dir / "tokenizer", "--greedy"],
+        ["eval", tmp_path / "nan", "--data", token_dir, "--seq-len", "16"],
+    ):
         r = _cli(*args)
         assert r.returncode == 2 and "non-finite weights" in r.stderr.strip().splitlines()[-1], r.stderr
         assert "Traceback" not in r.stderr
@@ -133,8 +177,10 @@ def test_stale_temp_dirs_of_dead_writers_are_removed_at_the_next_start(tmp_path,
     host, dead = socket.gethostname(), _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     stale = [f".tmp-step_00000002-{host}-{dead}", f".tmp-step_00000002-{dead}", f".old-step_00000001-{host}-{dead}"]
-    kept = [f".tmp-step_00000002-{host}-{live.pid}",  # another writer, still running
-            f".tmp-step_00000002-other-host.example-{dead}"]  # another host: cannot be checked, left alone
+    kept = [
+        f".tmp-step_00000002-{host}-{live.pid}",  # another writer, still running
+        f".tmp-step_00000002-other-host.example-{dead}",
+    ]  # another host: cannot be checked, left alone
     for name in stale + kept:
         (root / name / "model").mkdir(parents=True)
     try:
@@ -163,8 +209,10 @@ def test_resume_with_more_steps_keeps_the_schedule_and_says_so(tmp_path, token_d
     train(tiny_train_config(token_dir, full, max_steps=6, min_lr=1e-4))
     capsys.readouterr()
     train(tiny_train_config(token_dir, run, resume=True, max_steps=9), explicit={"resume", "out", "max_steps"})
-    assert ("--max-steps 9 extends the run past the 6 steps its lr schedule planned: the schedule is kept, "
-            "steps 7-9 run at its final lr 0.0001 (min_lr)") in capsys.readouterr().err
+    assert (
+        "--max-steps 9 extends the run past the 6 steps its lr schedule planned: the schedule is kept, "
+        "steps 7-9 run at its final lr 0.0001 (min_lr)"
+    ) in capsys.readouterr().err
     lrs = [float(r["lr"]) for r in _rows(run)]
     assert lrs[:6] == [float(r["lr"]) for r in _rows(full)]  # the first 6 steps: the original schedule
     assert lrs[5:] == pytest.approx([1e-4] * 4, rel=1e-12)  # then its final lr, no jump
@@ -210,27 +258,46 @@ def _usage_error(capsys, argv):
 
 def test_no_prefix_matching_and_subcommand_errors(capsys, token_dir, tmp_path):
     err = _usage_error(capsys, ["train", "--data", str(token_dir), "--out", str(tmp_path / "r"), "--max-step", "5"])
-    assert err == ["revllm train: error: unrecognized arguments: --max-step 5",
-                   "hint: `revllm train --help` lists the arguments"]
+    assert err == [
+        "revllm train: error: unrecognized arguments: --max-step 5",
+        "hint: `revllm train --help` lists the arguments",
+    ]
     err = _usage_error(capsys, ["generate", "x", "--max-new", "5"])
     assert err[0] == "revllm generate: error: unrecognized arguments: --max-new 5"
     err = _usage_error(capsys, ["train", "--lr", "abc"])
-    assert err == ["revllm train: error: argument --lr: invalid float value: 'abc'",
-                   "hint: `revllm train --help` lists the arguments"]
+    assert err == [
+        "revllm train: error: argument --lr: invalid float value: 'abc'",
+        "hint: `revllm train --help` lists the arguments",
+    ]
 
 
 def test_read_only_out_names_the_fix(capsys, token_dir):
     # /sys refuses mkdir with EPERM even for root: a read-only parent as the issue met it
     assert main(["train", "--data", str(token_dir), "--out", "/sys/revllm-ro/run", *TINY, "--max-steps", "1"]) == 2
-    assert capsys.readouterr().err.strip() == ("revllm train: error: cannot write the run directory /sys/revllm-ro/run "
-                                               "(Operation not permitted): choose a writable --out")
+    assert capsys.readouterr().err.strip() == (
+        "revllm train: error: cannot write the run directory /sys/revllm-ro/run "
+        "(Operation not permitted): choose a writable --out"
+    )
 
 
 def test_messages_during_training_are_not_glued_to_the_bar(tmp_path, token_dir):
     """With the bar on, the NaN stop's error starts its own line (the bar is closed first), and warnings
     during the loop are plain lines written through the bar."""
-    r = _cli("train", "--data", token_dir, "--out", tmp_path / "run", *TINY[:-1], "--lr", "1e6", "--max-steps", "8",
-             "--checkpoint-interval", "1", "--progress")
+    r = _cli(
+        "train",
+        "--data",
+        token_dir,
+        "--out",
+        tmp_path / "run",
+        *TINY[:-1],
+        "--lr",
+        "1e6",
+        "--max-steps",
+        "8",
+        "--checkpoint-interval",
+        "1",
+        "--progress",
+    )
     assert r.returncode == 2
     assert any(line.startswith("revllm train: error: ") for line in r.stderr.split("\n")), repr(r.stderr[-600:])
 
@@ -252,17 +319,61 @@ def _launch(nproc, *args):
     """`revllm ARGS` under torchrun with nproc processes (CPU, gloo); returns (stdout, stderr)."""
     from test_distributed import TIMEOUT_S, _free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "revllm.cli", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "revllm.cli",
+        *map(str, args),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout, r.stderr
 
 
-DIST = ["--layers", 2, "--hidden", 32, "--heads", 4, "--kv-heads", 2, "--seq-len", 32, "--max-steps", 4, "--warmup", 2,
-        "--lr", 3e-3, "--eval-interval", 2, "--eval-iters", 2, "--checkpoint-interval", 2, "--keep-last", 0,
-        "--log-interval", 1, "--no-progress", "--loss-chunk-size", 32, "--dynamics", "hamiltonian", "--batch-size", 2]
+DIST = [
+    "--layers",
+    2,
+    "--hidden",
+    32,
+    "--heads",
+    4,
+    "--kv-heads",
+    2,
+    "--seq-len",
+    32,
+    "--max-steps",
+    4,
+    "--warmup",
+    2,
+    "--lr",
+    3e-3,
+    "--eval-interval",
+    2,
+    "--eval-iters",
+    2,
+    "--checkpoint-interval",
+    2,
+    "--keep-last",
+    0,
+    "--log-interval",
+    1,
+    "--no-progress",
+    "--loss-chunk-size",
+    32,
+    "--dynamics",
+    "hamiltonian",
+    "--batch-size",
+    2,
+]
 
 
 @pytest.mark.slow
@@ -278,15 +389,27 @@ def test_two_processes_validate_like_one_and_resume_on_one(tmp_path, token_dir, 
     assert out.count("val loss") == 1, out  # only rank 0 prints the summary
     ddp_act = json.loads((ddp / "summary.json").read_text())["activation_mb"]
     one = tmp_path / "one"
-    ref = train(tiny_train_config(token_dir, one, dynamics="hamiltonian", batch_size=2, grad_accum=2, max_steps=4,
-                                  eval_interval=2, checkpoint_interval=2))
+    ref = train(
+        tiny_train_config(
+            token_dir,
+            one,
+            dynamics="hamiltonian",
+            batch_size=2,
+            grad_accum=2,
+            max_steps=4,
+            eval_interval=2,
+            checkpoint_interval=2,
+        )
+    )
     two_rows, one_rows = _rows(ddp), _rows(one)
     assert two_rows[1]["val_loss"] and abs(float(two_rows[1]["val_loss"]) - float(one_rows[1]["val_loss"])) <= 1e-5
     # resume the 2-process run on 1 process: grad_accum 1 -> 2 keeps the global batch of 4 rows
     capsys.readouterr()
     s = train(tiny_train_config(token_dir, ddp, resume=True, batch_size=2), explicit={"resume", "out"})
-    assert "resuming on 1 process(es) instead of 2: grad_accum 1 -> 2 keeps the global batch of 4 rows per step" \
+    assert (
+        "resuming on 1 process(es) instead of 2: grad_accum 1 -> 2 keeps the global batch of 4 rows per step"
         in capsys.readouterr().err
+    )
     assert s["steps"] == 4 and s["tokens"] == ref["tokens"]
     w2, w1 = load_model(ddp).state_dict(), load_model(one).state_dict()
     assert max((w2[k] - w1[k]).abs().max().item() for k in w1) <= 1e-5
@@ -295,8 +418,11 @@ def test_two_processes_validate_like_one_and_resume_on_one(tmp_path, token_dir, 
     fsdp = tmp_path / "fsdp"
     _launch(2, "train", "--data", token_dir, "--out", fsdp, *DIST, "--stop-after", 1, "--parallel", "fsdp2")
     single = train(tiny_train_config(token_dir, tmp_path / "single", dynamics="hamiltonian", batch_size=2, max_steps=1))
-    acts = {"ddp": ddp_act, "fsdp2": json.loads((fsdp / "summary.json").read_text())["activation_mb"],
-            "one": single["activation_mb"]}
+    acts = {
+        "ddp": ddp_act,
+        "fsdp2": json.loads((fsdp / "summary.json").read_text())["activation_mb"],
+        "one": single["activation_mb"],
+    }
     assert acts["fsdp2"] == acts["ddp"] == acts["one"] > 0, acts
 
 
@@ -327,21 +453,45 @@ def test_revllm_lm_eval_runs_lm_evals_cli_on_a_saved_model(tmp_path, tiny_tokeni
     torch.manual_seed(0)
     revllm.RevLLMForCausalLM(tiny_config(vocab_size=300)).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(model_dir)
-    args = ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", "revllm_commonsense",
-            "--include_path", tasks, "--limit", "4", "--batch_size", "2", "--output_path", out]
+    args = [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir}",
+        "--tasks",
+        "revllm_commonsense",
+        "--include_path",
+        tasks,
+        "--limit",
+        "4",
+        "--batch_size",
+        "2",
+        "--output_path",
+        out,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    plain = subprocess.run([sys.executable, "-m", "lm_eval", *map(str, args)], capture_output=True, text=True, env=env,
-                           timeout=300)
+    plain = subprocess.run(
+        [sys.executable, "-m", "lm_eval", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert plain.returncode != 0 and "revllm" in plain.stderr  # what the user met: lm-eval alone cannot load it
     r = _cli("lm-eval", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "revllm_commonsense" in r.stdout and "acc" in r.stdout  # lm-eval's own results table
     result = json.loads(next(out.rglob("results_*.json")).read_text())
     assert 0.0 <= result["results"]["revllm_commonsense"]["acc,none"] <= 1.0
-    r = _cli("lm-eval", "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
-             "--tasks", "revllm_commonsense")
-    assert r.returncode == 2 and r.stderr.strip() == ("revllm lm-eval: error: trust_remote_code is refused: revllm's "
-                                                      "classes are registered by this command (no remote code runs); drop it")
+    r = _cli(
+        "lm-eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},trust_remote_code=True",
+        "--tasks",
+        "revllm_commonsense",
+    )
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "revllm lm-eval: error: trust_remote_code is refused: revllm's "
+        "classes are registered by this command (no remote code runs); drop it"
+    )
 
 
 # -- 8. what the KV cache reproduces, exactly ----------------------------------------------------------
@@ -356,9 +506,16 @@ def test_exact_mode_generation_what_the_cache_reproduces(block):
     model = tiny_model(block=block, dynamics="midpoint_a", midpoint_a=1 / 16, exact_reversal=True).eval()
     ids = torch.randint(0, 97, (2, 6))
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
-        plain = [model(out.sequences[:, :6 + i], use_cache=False).logits[:, -1] for i in range(20)]
+        out = model.generate(
+            ids,
+            max_new_tokens=20,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        plain = [model(out.sequences[:, : 6 + i], use_cache=False).logits[:, -1] for i in range(20)]
     assert torch.equal(out.logits[0], plain[0])  # the prefill: bit for bit
     assert max((c - p).abs().max().item() for c, p in zip(out.logits, plain)) <= 1e-5
     assert all(torch.equal(c.argmax(-1), p.argmax(-1)) for c, p in zip(out.logits, plain))

@@ -1,5 +1,6 @@
 """revllm.io, the ground floor: one atomic write, one verified manifest (unchanged on disk for training
 checkpoints, still accepting sharded checkpoints from before it), and atomic directories."""
+
 import hashlib
 import json
 
@@ -18,8 +19,9 @@ def test_manifest_on_disk_is_the_format_existing_checkpoints_have(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "trainer_state.json").write_text('{"step": 1}')
     rio.write_manifest(tmp_path)
-    expected = {p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()
-                for p in ("model/config.json", "trainer_state.json")}
+    expected = {
+        p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in ("model/config.json", "trainer_state.json")
+    }
     assert (tmp_path / "manifest.json").read_text() == json.dumps(expected, indent=1, sort_keys=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model", "trainer_state.json"]  # no temp
     assert rio.verify(tmp_path) == tmp_path
@@ -39,8 +41,11 @@ def _to_old_format(ck):
     file's size and SHA-256 under "files"."""
     (ck / "manifest.json").unlink()
     meta = json.loads((ck / "trainer_state.json").read_text())
-    meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                     for p in sorted(ck.iterdir()) if p.name != "trainer_state.json"}
+    meta["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(ck.iterdir())
+        if p.name != "trainer_state.json"
+    }
     (ck / "trainer_state.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -70,7 +75,9 @@ def test_atomic_dir_replaces_only_a_complete_directory(tmp_path):
 
     rio.atomic_dir(target, build("one"))
     with pytest.raises(OSError, match="disk full"):
-        rio.atomic_dir(target, lambda tmp: ((tmp / "f").write_text("half"), (_ for _ in ()).throw(OSError("disk full"))))
+        rio.atomic_dir(
+            target, lambda tmp: ((tmp / "f").write_text("half"), (_ for _ in ()).throw(OSError("disk full")))
+        )
     assert (target / "f").read_text() == "one"  # the failed build left the old directory as it was
     rio.atomic_dir(target, build("two"))
     assert (target / "f").read_text() == "two"
@@ -95,8 +102,14 @@ def test_loading_leaves_the_callers_environment_unchanged(tmp_path, monkeypatch)
         monkeypatch.delenv(k, raising=False)
     tiny_model().save_pretrained(tmp_path / "rev")
     train_tokenizer(tmp_path / "rev")
-    hf = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=1)
+    hf = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
     before, hub_before = dict(os.environ), hub.HF_HUB_OFFLINE
     assert rio.load_model(tmp_path / "rev").config.model_type == "revllm"

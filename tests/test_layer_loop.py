@@ -1,4 +1,5 @@
 """The engine owns the layer loop: every evaluation path steps through ``engine.function.walk``."""
+
 import ast
 import pathlib
 
@@ -47,8 +48,11 @@ def test_every_path_steps_through_the_engine(path, walks):
 def test_modeling_does_not_step_the_dynamics_itself():
     """No call of a dynamics or streams step/inverse, and no stream codec, in the modeling code."""
     src = pathlib.Path(engine_function.__file__).parent.parent / "modeling" / "modeling_revllm.py"
-    called = {n.func.attr for n in ast.walk(ast.parse(src.read_text()))
-              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    called = {
+        n.func.attr
+        for n in ast.walk(ast.parse(src.read_text()))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+    }
     assert not called & {"step", "inverse", "step_exact", "inverse_exact", "encode", "decode", "substeps"}
 
 

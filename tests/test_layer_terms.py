@@ -3,10 +3,11 @@
 Every path is checked against ordinary autograd on the same arithmetic (float64), or, in exact mode, against
 the engine's stored reference bit for bit.
 """
+
 import pytest
 import torch
-
 from conftest import FAMILIES, REVERSIBLE, tiny_model
+
 from revllm.memory import SavedBytes
 
 
@@ -38,8 +39,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("block", FAMILIES)
 @pytest.mark.parametrize("dynamics", REVERSIBLE)
 def test_layer_terms_and_stored_layers_match_autograd(dynamics, block, stored):
-    model = tiny_model(block=block, dynamics=dynamics, layers=4, dtype=torch.float64, stored_layers=stored,
-                       initial_state="fixed_point")
+    model = tiny_model(
+        block=block, dynamics=dynamics, layers=4, dtype=torch.float64, stored_layers=stored, initial_state="fixed_point"
+    )
     model.train()
     ids = torch.randint(0, 97, (2, 12))
     fn = _layer_loss(_targets(4, (2, 12, 32)))

@@ -13,6 +13,7 @@ loop uses data and parallel), ``convert`` (its fine-tuning runs the training loo
 ``commands``. On top: the package itself (``revllm/__init__.py``, the public API that re-exports) and
 ``cli`` (the program, which reads ``__version__`` from it).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,25 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "revllm"
 
-FLOORS = ["errors", "memory", "assets", "io", "dynamics", "engine", "blocks", "modeling", "data", "eval",
-          "parallel", "train", "convert", "bench", "commands", "revllm", "cli"]
+FLOORS = [
+    "errors",
+    "memory",
+    "assets",
+    "io",
+    "dynamics",
+    "engine",
+    "blocks",
+    "modeling",
+    "data",
+    "eval",
+    "parallel",
+    "train",
+    "convert",
+    "bench",
+    "commands",
+    "revllm",
+    "cli",
+]
 MAX_FUNCTION_LINES = 80
 # Optional dependencies (extras in pyproject.toml) imported inside the function that needs them, so that
 # revllm works without them; each such import says why on its line or the line above.

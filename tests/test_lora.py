@@ -1,10 +1,11 @@
 """LoRA (peft) on RevLLMForCausalLM: memory-free gradients equal stored ones; adapters merge back."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from revllm.convert.finetune import add_lora
 
 

@@ -1,4 +1,5 @@
 """revllm.memory: the allocator setting is applied where users run, respects the user, and has its effect."""
+
 import os
 import subprocess
 import sys
@@ -19,8 +20,11 @@ def fresh_state(monkeypatch):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", memory.OPT_OUT_ENV))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", memory.OPT_OUT_ENV))
+    }
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
@@ -32,12 +36,15 @@ def test_applied_on_glibc_once(fresh_state):
     assert memory.allocator_state() == first
 
 
-@pytest.mark.parametrize("env, why", [
-    ({memory.OPT_OUT_ENV: "0"}, "REVLLM_ALLOCATOR_TUNING=0"),
-    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "MALLOC_MMAP_THRESHOLD_ is set"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, "GLIBC_TUNABLES is set"),
-    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "jemalloc is preloaded"),
-])
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({memory.OPT_OUT_ENV: "0"}, "REVLLM_ALLOCATOR_TUNING=0"),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "MALLOC_MMAP_THRESHOLD_ is set"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, "GLIBC_TUNABLES is set"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "jemalloc is preloaded"),
+    ],
+)
 def test_the_users_own_setting_wins(fresh_state, env, why):
     state = memory.configure_allocator(env=env)
     assert not state["applied"] and why in state["reason"]

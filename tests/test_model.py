@@ -1,11 +1,12 @@
 """RevLLMConfig / RevLLMForCausalLM: HF conformance, errors, loss, save/load, training."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ALL_DYNAMICS, FAMILIES, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import revllm
-from conftest import ALL_DYNAMICS, FAMILIES, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -141,8 +142,9 @@ def test_initial_state_options_are_reversible(initial_state):
 def test_residual_output_projections_get_the_scaled_init(block):
     """GPT-2's init: the branch output projections (c_proj / o_proj, down_proj) start at std 0.02 / sqrt(2L)."""
     L = 8
-    model = tiny_model(block=block, layers=L, hidden_size=64, intermediate_size=256,
-                       num_key_value_heads=4 if block == "gpt2" else 2)
+    model = tiny_model(
+        block=block, layers=L, hidden_size=64, intermediate_size=256, num_key_value_heads=4 if block == "gpt2" else 2
+    )
     layer = model.model.layers[0]
     outs = [layer.attn.c_proj, layer.mlp.c_proj] if block == "gpt2" else [layer.self_attn.o_proj, layer.mlp.down_proj]
     ins = [layer.attn.c_attn, layer.mlp.c_fc] if block == "gpt2" else [layer.self_attn.q_proj, layer.mlp.up_proj]

@@ -1,15 +1,22 @@
 """Issue 14: the O(1)-memory conversion recipe (calibration, per-layer distillation, CLI, resume, bad input)."""
+
 import json
 
 import pytest
 import torch
-
 from hf_tiny import tiny_hf
-from revllm.convert import convert
-from revllm.convert.o1 import (O1DistillLoss, auto_hard_layers, calibrate, check_tokens_match, parse_hard_layers,
-                               recipe_state)
-from revllm.errors import RevLLMError
 from test_convert import _token_dir
+
+from revllm.convert import convert
+from revllm.convert.o1 import (
+    O1DistillLoss,
+    auto_hard_layers,
+    calibrate,
+    check_tokens_match,
+    parse_hard_layers,
+    recipe_state,
+)
+from revllm.errors import RevLLMError
 
 
 def _ids(B=2, T=16, seed=1):
@@ -68,7 +75,9 @@ def test_tokenizer_mismatch_is_refused_naming_both(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a"))
+    )
     data = _token_dir(tmp_path / "tok")
     meta = json.loads((data / "meta.json").read_text())
     meta["tokenizer"].update(name="other-tokenizer", sha256="0" * 64)
@@ -89,8 +98,9 @@ def test_o1_run_resumes_exactly_mid_schedule(tmp_path):
 
     data = _token_dir(tmp_path / "tok")
     src = tiny_hf("llama", dtype=torch.float32)
-    opts = dict(max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2,
-                progress=False)
+    opts = dict(
+        max_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup=0, eval_interval=4, checkpoint_interval=2, progress=False
+    )
     conv = lambda: convert(src, dynamics="leapfrog", stored_layers=[1])  # noqa: E731
     recipe = {"dynamics": "leapfrog", "hard_layers": [1], "layer_weight": 1.0, "layer_weight_end": 0.0, "steps": 4}
     loss = lambda start=0: O1DistillLoss(src, 1.0, 0.0, 4, start)  # noqa: E731
@@ -120,8 +130,23 @@ def test_cli_convert_memory_o1(tmp_path, capsys):
     src.save_pretrained(tmp_path / "hf")
     data = _token_dir(tmp_path / "tok")
     out = tmp_path / "o1"
-    common = ["--distill", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup", "0",
-              "--eval-interval", "2", "--checkpoint-interval", "2", "--no-progress"]
+    common = [
+        "--distill",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--warmup",
+        "0",
+        "--eval-interval",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--no-progress",
+    ]
     assert _cli(["convert", str(tmp_path / "hf"), str(out), "--memory", "o1", "--hard-layers", "1", *common]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dynamics"] == "leapfrog" and cfg["stored_layers"] == [1] and cfg["memory_free"] is True
@@ -129,17 +154,33 @@ def test_cli_convert_memory_o1(tmp_path, capsys):
     assert rep["memory"] == "o1" and rep["o1"]["hard_layers"] == [1]
     assert json.loads((tmp_path / "o1.run" / "o1.json").read_text())["hard_layers"] == [1]
     # auto: calibrated on DATA (nothing stands out in a random tiny model)
-    assert _cli(["convert", str(tmp_path / "hf"), str(tmp_path / "auto"), "--memory", "o1", "--dynamics", "midpoint",
-                 *common]) == 0
+    assert (
+        _cli(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(tmp_path / "auto"),
+                "--memory",
+                "o1",
+                "--dynamics",
+                "midpoint",
+                *common,
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "auto" / "conversion_report.json").read_text())
     assert rep["o1"]["hard_layers"] == [] and len(rep["o1"]["calibration"]) == 3
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--memory", "o1", "--hard-layers", "1,3"], "names layer 3, but the model's layers are 0..2"),
-    (["--hard-layers", "1"], "belong to the O(1) recipe: add --memory o1"),
-    (["--memory", "o1", "--dynamics", "midpoint_a"], "needs a rule without a per-layer buffer"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--memory", "o1", "--hard-layers", "1,3"], "names layer 3, but the model's layers are 0..2"),
+        (["--hard-layers", "1"], "belong to the O(1) recipe: add --memory o1"),
+        (["--memory", "o1", "--dynamics", "midpoint_a"], "needs a rule without a per-layer buffer"),
+    ],
+)
 def test_cli_o1_bad_input(tmp_path, capsys, extra, message):
     src = tiny_hf("llama", dtype=torch.float32)
     src.save_pretrained(tmp_path / "hf")
@@ -155,6 +196,8 @@ def test_cli_o1_refuses_an_already_converted_model(tmp_path, capsys):
     conv = convert(tiny_hf("llama", dtype=torch.float32), dynamics="leapfrog")
     conv.save_pretrained(tmp_path / "conv")
     data = _token_dir(tmp_path / "tok")
-    assert _cli(["convert", str(tmp_path / "conv"), str(tmp_path / "o1"), "--memory", "o1", "--distill", str(data)]) == 2
+    assert (
+        _cli(["convert", str(tmp_path / "conv"), str(tmp_path / "o1"), "--memory", "o1", "--distill", str(data)]) == 2
+    )
     err = capsys.readouterr().err
     assert "already a converted revllm model" in err and len(err.strip().splitlines()) == 1

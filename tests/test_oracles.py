@@ -11,17 +11,23 @@ wrong coefficient, stream or half-step order changes (>= 1e-3 relative on these 
 "distinguishes" test below). Exact mode rounds every stream to 2^-32 per layer, so it is compared at
 1e-7 (observed up to 3e-9), still 1e4 below any rule error.
 """
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAMILIES, tiny_model
 
 INITIAL = ["copy", "zero", "fixed_point"]
 LAYERS = 3
-H = {"euler": 1.0, "midpoint": 0.35, "leapfrog": 0.8, "midpoint_a": 0.9, "hamiltonian": 0.7}  # not the defaults: h enters
+H = {
+    "euler": 1.0,
+    "midpoint": 0.35,
+    "leapfrog": 0.8,
+    "midpoint_a": 0.9,
+    "hamiltonian": 0.7,
+}  # not the defaults: h enters
 A_DYADIC = [0.75, -1.25, 1.5]  # midpoint_a's a_j, dyadic so exact mode applies; |a| >= floor 0.25
 TOL, TOL_EXACT = 1e-10, 1e-7
 
@@ -30,8 +36,16 @@ def _model(block, dynamics, initial="copy", **kw):
     extra = dict(midpoint_a=A_DYADIC) if dynamics == "midpoint_a" and "midpoint_a" not in kw else {}
     extra.update(kw)
     # initializer_range 0.2: block outputs comparable to the streams, so every term of a rule matters.
-    m = tiny_model(block=block, dynamics=dynamics, layers=LAYERS, step_size=H[dynamics], initial_state=initial,
-                   initializer_range=0.2, dtype=torch.float64, **extra)
+    m = tiny_model(
+        block=block,
+        dynamics=dynamics,
+        layers=LAYERS,
+        step_size=H[dynamics],
+        initial_state=initial,
+        initializer_range=0.2,
+        dtype=torch.float64,
+        **extra,
+    )
     return m.train()  # dropout is 0: train() only makes the training paths run
 
 
@@ -61,7 +75,9 @@ def oracle_logits(model, ids, a=None):
         return at + mlp(layers[j], p + at)
 
     # Second initial state (README: copy p_{-1} = p_0 (Hamiltonian q_0 = p_0), zero, fixed_point).
-    older = {"copy": p0, "zero": torch.zeros_like(p0), "fixed_point": p0 - h * f(0, p0) if layers else None}[cfg.initial_state]
+    older = {"copy": p0, "zero": torch.zeros_like(p0), "fixed_point": p0 - h * f(0, p0) if layers else None}[
+        cfg.initial_state
+    ]
     prev, p = older, p0
     for j in range(len(layers)):
         if rule == "euler":  # (2.2)
@@ -178,8 +194,11 @@ def _oracle_grads(model, ids, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-MODES = {"memory_free": dict(memory_free=True), "exact": dict(memory_free=True, exact_reversal=True),
-         "stored": dict(memory_free=False)}
+MODES = {
+    "memory_free": dict(memory_free=True),
+    "exact": dict(memory_free=True, exact_reversal=True),
+    "stored": dict(memory_free=False),
+}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -214,8 +233,15 @@ def test_euler_stored_gradients_equal_the_residual_network(block):
 def test_exact_mode_deep_stack_matches_oracle(dynamics):
     """12 layers: exact reconstruction keeps the memory-free gradients on the oracle's (rounded) trajectory."""
     torch.manual_seed(3)
-    model = tiny_model(block="llama", dynamics=dynamics, layers=12, initializer_range=0.05, dtype=torch.float64,
-                       exact_reversal=True, step_size=H[dynamics]).train()
+    model = tiny_model(
+        block="llama",
+        dynamics=dynamics,
+        layers=12,
+        initializer_range=0.05,
+        dtype=torch.float64,
+        exact_reversal=True,
+        step_size=H[dynamics],
+    ).train()
     ids = _ids(3)
     _, g_o = _oracle_grads(model, ids, ids)
     _, g_r = _revllm_grads(model, ids, ids)

@@ -1,5 +1,6 @@
 """benchmarks/scratch_parity.py: grid validation, the by-document split, resume (skip completed, continue
 a partial run from its checkpoint), and its JSON/Markdown/PNG results, on a tiny smoke configuration."""
+
 import importlib.util
 import json
 import subprocess
@@ -37,20 +38,58 @@ def _corpus(tmp_path, n=40) -> Path:
     return f
 
 
-TINY = ["--hidden", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "2", "--tokens", "192",
-        "--depths", "2", "--other", "none", "--seeds", "0", "--vocab", "300", "--evals", "2", "--eval-iters", "2",
-        "--checkpoint-every", "3", "--val-fraction", "0.1"]
+TINY = [
+    "--hidden",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "2",
+    "--tokens",
+    "192",
+    "--depths",
+    "2",
+    "--other",
+    "none",
+    "--seeds",
+    "0",
+    "--vocab",
+    "300",
+    "--evals",
+    "2",
+    "--eval-iters",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--val-fraction",
+    "0.1",
+]
 
 
 def _args(tmp_path, *extra):
-    return ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "res" / "sp"),
-            "--corpus", str(_corpus(tmp_path)), *TINY, *extra]
+    return [
+        "--out",
+        str(tmp_path / "out"),
+        "--results",
+        str(tmp_path / "res" / "sp"),
+        "--corpus",
+        str(_corpus(tmp_path)),
+        *TINY,
+        *extra,
+    ]
 
 
 # -- grid validation ---------------------------------------------------------------------------------------
 def test_heads_not_dividing_width_refused_in_one_line_before_training(tmp_path):
-    r = subprocess.run([sys.executable, str(SCRIPT), *_args(tmp_path, "--heads", "3", "--rules", "euler,midpoint")],
-                       capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(tmp_path, "--heads", "3", "--rules", "euler,midpoint")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "num_attention_heads=3 must divide hidden_size=32" in lines[0]
@@ -58,13 +97,16 @@ def test_heads_not_dividing_width_refused_in_one_line_before_training(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "res").exists()  # nothing prepared or trained
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--phase", "tune", "--rules", "euler,midpoint_a", "--a-dists", "paper,const:0.3"], "not a nonzero dyadic"),
-    (["--rules", "euler,midpoint_a", "--a-dists", "const:0.1", "--no-exact"], "below midpoint_a_floor"),
-    (["--rules", "euler,rk4"], "unknown rule 'rk4'"),
-    (["--other", "gpt3:6"], "block='gpt3' is unknown"),
-    (["--phase", "tune", "--tune-size", "llama"], "FAMILY:LAYERS"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--phase", "tune", "--rules", "euler,midpoint_a", "--a-dists", "paper,const:0.3"], "not a nonzero dyadic"),
+        (["--rules", "euler,midpoint_a", "--a-dists", "const:0.1", "--no-exact"], "below midpoint_a_floor"),
+        (["--rules", "euler,rk4"], "unknown rule 'rk4'"),
+        (["--other", "gpt3:6"], "block='gpt3' is unknown"),
+        (["--phase", "tune", "--tune-size", "llama"], "FAMILY:LAYERS"),
+    ],
+)
 def test_impossible_grid_entries_refused(tmp_path, bad, message):
     with pytest.raises(RevLLMError, match=message):
         sp.main(_args(tmp_path, *bad))
@@ -79,19 +121,37 @@ def test_tune_grid_covers_rule_settings_and_lr():
         by_rule.setdefault(s["rule"], []).append(s["settings"])
     assert "euler_ckpt" not in by_rule
     assert sorted(x["lr"] for x in by_rule["euler"]) == [5e-4, 1e-3, 2e-3]
-    assert {(x["a_dist"], x["step_size"]) for x in by_rule["midpoint_a"] if x["lr"] == 1e-3} == \
-        {("paper", 1.0), ("paper", 0.5), ("positive", 1.0), ("positive", 0.5)}
+    assert {(x["a_dist"], x["step_size"]) for x in by_rule["midpoint_a"] if x["lr"] == 1e-3} == {
+        ("paper", 1.0),
+        ("paper", 0.5),
+        ("positive", 1.0),
+        ("positive", 0.5),
+    }
     for s in grid:  # the runs users would make: memory-free + exact for the reversible rules
         rev = s["rule"] in sp.REVERSIBLE
         assert s["train"]["memory_free"] == rev and s["model_extra"].get("exact_reversal", False) == rev
 
 
 def test_final_phase_takes_best_tuned_setting():
-    tuned = {"runs": {
-        "a": {"phase": "tune", "rule": "leapfrog", "status": "ok", "val_loss": 4.0, "settings": {"lr": 1, "step_size": 0.5}},
-        "b": {"phase": "tune", "rule": "leapfrog", "status": "ok", "val_loss": 3.9, "settings": {"lr": 1, "step_size": 1.0}},
-        "c": {"phase": "tune", "rule": "euler", "status": "ok", "val_loss": 4.2, "settings": {"lr": 2}},
-    }}
+    tuned = {
+        "runs": {
+            "a": {
+                "phase": "tune",
+                "rule": "leapfrog",
+                "status": "ok",
+                "val_loss": 4.0,
+                "settings": {"lr": 1, "step_size": 0.5},
+            },
+            "b": {
+                "phase": "tune",
+                "rule": "leapfrog",
+                "status": "ok",
+                "val_loss": 3.9,
+                "settings": {"lr": 1, "step_size": 1.0},
+            },
+            "c": {"phase": "tune", "rule": "euler", "status": "ok", "val_loss": 4.2, "settings": {"lr": 2}},
+        }
+    }
     assert sp.best_tuned(tuned, "leapfrog") == {"lr": 1, "step_size": 1.0}
     assert sp.best_tuned(tuned, "euler_ckpt") == {"lr": 2}  # euler's arithmetic, euler's setting
     assert sp.best_tuned(tuned, "midpoint") is None
@@ -113,12 +173,15 @@ def test_document_split_holds_out_whole_documents(tmp_path, monkeypatch):
     folder.mkdir()
     texts = []
     for i in range(25):
-        t = "".join(f"doc{i} line {k}: " + " ".join(WORDS[(i + k) % len(WORDS)] for _ in range(3)) + "\n" for k in range(8))
+        t = "".join(
+            f"doc{i} line {k}: " + " ".join(WORDS[(i + k) % len(WORDS)] for _ in range(3)) + "\n" for k in range(8)
+        )
         (folder / f"{i:02d}.txt").write_text(t)
         texts.append(t)
     tok = sp.train_tokenizer([str(folder)], 0.1, 300, tmp_path / "tok")
-    meta = prepare.prepare_tokens([str(folder)], tmp_path / "data", tokenizer=str(tok), val_fraction=0.1,
-                                  split="document", progress=False)
+    meta = prepare.prepare_tokens(
+        [str(folder)], tmp_path / "data", tokenizer=str(tok), val_fraction=0.1, split="document", progress=False
+    )
     assert meta["split"] == "document" and meta["documents"] == 25
 
     from revllm.io import load_tokenizer
@@ -150,8 +213,9 @@ def test_document_split_needs_enough_documents(tmp_path):
     f.write_text("just one document here\n")
     tok = sp.train_tokenizer([str(f)], 0.2, 280, tmp_path / "tok")
     with pytest.raises(RevLLMError, match="needs at least 5 documents; the inputs hold 1"):
-        prepare.prepare_tokens([str(f)], tmp_path / "data", tokenizer=str(tok), val_fraction=0.2, split="document",
-                               progress=False)
+        prepare.prepare_tokens(
+            [str(f)], tmp_path / "data", tokenizer=str(tok), val_fraction=0.2, split="document", progress=False
+        )
     assert not (tmp_path / "data" / "meta.json").exists()
 
 
@@ -168,8 +232,10 @@ def test_partial_run_resumes_and_completed_runs_are_skipped(tmp_path):
     log = (run / "metrics.csv").read_text().splitlines()
     assert [int(x.split(",")[0]) for x in log[1:]] == [1, 2, 3, 4, 5, 6]  # one history, no restart
     res = json.loads((tmp_path / "res" / "sp.json").read_text())
-    assert sorted(res["runs"]) == ["final-llama2-euler-lr0.002-t0.000192M-s0",
-                                   "final-llama2-midpoint_a-apaper_lr0.002_h1-t0.000192M-s0"]
+    assert sorted(res["runs"]) == [
+        "final-llama2-euler-lr0.002-t0.000192M-s0",
+        "final-llama2-midpoint_a-apaper_lr0.002_h1-t0.000192M-s0",
+    ]
     r = res["runs"]["final-llama2-midpoint_a-apaper_lr0.002_h1-t0.000192M-s0"]
     assert r["status"] == "ok" and r["memory_free"] and r["exact_reversal"] and r["steps"] == 6
     assert r["val_tokens_scored"] > 0 and len(r["curve"]) == 6

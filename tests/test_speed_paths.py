@@ -1,11 +1,11 @@
 """Fast paths of the training step (issue 20): each must be the same function as the path it replaces."""
+
 import pytest
 import torch
+from conftest import tiny_model
 
 from revllm.modeling import loss as loss_mod
 from revllm.modeling.loss import chunked_causal_lm_loss, loss_path
-
-from conftest import tiny_model
 
 
 def _loss_and_grads(chunk, dtype=torch.float64):
@@ -105,8 +105,14 @@ def test_fused_fixed_point_start_matches_autograd_float64(monkeypatch, dynamics)
 
 def test_fused_fixed_point_start_is_bitwise_in_exact_mode():
     """Exact streams: memory-free and the engine's stored reference agree bit for bit with the fused start."""
-    model = tiny_model(dynamics="midpoint_a", midpoint_a=1 / 16, exact_reversal=True, layers=6,
-                       initial_state="fixed_point", step_size=1.0)
+    model = tiny_model(
+        dynamics="midpoint_a",
+        midpoint_a=1 / 16,
+        exact_reversal=True,
+        layers=6,
+        initial_state="fixed_point",
+        step_size=1.0,
+    )
     ids = torch.randint(0, 97, (2, 8))
     mf, st = _step(model, ids, True), _step(model, ids, False)
     assert torch.equal(mf[0], st[0]) and torch.equal(mf[1], st[1])

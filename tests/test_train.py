@@ -1,4 +1,5 @@
 """The training loop: checkpoints (atomic, verified, exact resume), bad states, config handling."""
+
 import math
 import shutil
 
@@ -87,8 +88,10 @@ def test_corrupted_checkpoint_refused_and_skipped(tmp_path, token_dir, capsys):
     capsys.readouterr()
     assert rio.latest_good(run) == good
     # one plain line (no warning category, no source path)
-    assert capsys.readouterr().err == ("checkpoint step_00000006 is corrupted (model/model.safetensors does not match "
-                                       "its sha256); resuming from step_00000003\n")
+    assert capsys.readouterr().err == (
+        "checkpoint step_00000006 is corrupted (model/model.safetensors does not match "
+        "its sha256); resuming from step_00000003\n"
+    )
     with open(good / "trainer_state.safetensors", "r+b") as f:  # truncated
         f.truncate(100)
     with pytest.raises(RevLLMError, match="no good checkpoint"):
@@ -147,10 +150,24 @@ def test_config_yaml_flags_and_errors(tmp_path, token_dir):
     y.write_text("[1, 2\n")
     with pytest.raises(RevLLMError, match="not valid YAML"):
         build_config(y)
-    bad = [dict(dynamics="rk4"), dict(hidden=30), dict(seq_len=64, max_positions=32), dict(seq_len=10_000),
-           dict(batch_size=0), dict(precision="bf16"), dict(seq_len=1)]
-    msgs = ["dynamics='rk4' is unknown", "must divide hidden_size=30", "exceeds max_positions", "val.bin has",
-            "batch_size=0", "needs a GPU", "seq_len=1 must be >= 2"]
+    bad = [
+        dict(dynamics="rk4"),
+        dict(hidden=30),
+        dict(seq_len=64, max_positions=32),
+        dict(seq_len=10_000),
+        dict(batch_size=0),
+        dict(precision="bf16"),
+        dict(seq_len=1),
+    ]
+    msgs = [
+        "dynamics='rk4' is unknown",
+        "must divide hidden_size=30",
+        "exceeds max_positions",
+        "val.bin has",
+        "batch_size=0",
+        "needs a GPU",
+        "seq_len=1 must be >= 2",
+    ]
     for kw, msg in zip(bad, msgs):
         with pytest.raises((RevLLMError, ValueError), match=msg):
             train(tiny_train_config(token_dir, tmp_path / "r", **kw))
@@ -172,8 +189,11 @@ def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
         train(tiny_train_config(token_dir, tmp_path / "ft2", init_from=str(other)))
     import revllm
 
-    small = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                                         vocab_size=50, max_position_embeddings=64))
+    small = revllm.RevLLMForCausalLM(
+        revllm.RevLLMConfig(
+            num_hidden_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=50, max_position_embeddings=64
+        )
+    )
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(RevLLMError, match="vocabulary"):
         train(tiny_train_config(token_dir, tmp_path / "ft3", init_from=str(tmp_path / "small")))
@@ -193,15 +213,21 @@ def test_resume_refuses_architecture_change(tmp_path, token_dir, corpus_dir):
     tok2 = train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
     prepare_tokens([corpus_dir], tmp_path / "data2", str(tok2), val_fraction=0.1, progress=False)
     with pytest.raises(RevLLMError, match="made with tokenizer"):  # other token files on resume
-        train(tiny_train_config(tmp_path / "data2", run, resume=True, max_steps=6), explicit={"resume", "max_steps", "data"})
+        train(
+            tiny_train_config(tmp_path / "data2", run, resume=True, max_steps=6),
+            explicit={"resume", "max_steps", "data"},
+        )
 
 
 def test_custom_loss_fn_and_teacher(tmp_path, token_dir):
     """The interface distillation builds on: loss_fn(model, batch) -> (loss, metrics); teacher is placed."""
     import revllm
 
-    teacher = revllm.RevLLMForCausalLM(revllm.RevLLMConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
-                                                           vocab_size=300, max_position_embeddings=64))
+    teacher = revllm.RevLLMForCausalLM(
+        revllm.RevLLMConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=300, max_position_embeddings=64
+        )
+    )
     seen = []
 
     def kd(model, batch):
@@ -222,8 +248,10 @@ def test_keep_last_never_prunes_good_checkpoints_for_a_newer_corrupted_one(tmp_p
     train(tiny_train_config(token_dir, run))  # checkpoints 3 and 6
     bad = run / "checkpoints" / "step_00000006" / "model" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[:64])  # corrupted: resume continues from step 3
-    train(tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
-          explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"})
+    train(
+        tiny_train_config(token_dir, run, resume=True, checkpoint_interval=1, keep_last=1, stop_after=4),
+        explicit={"resume", "out", "checkpoint_interval", "keep_last", "stop_after"},
+    )
     assert "checkpoint step_00000006 is corrupted" in capsys.readouterr().err
     assert rio.latest_good(run).name == "step_00000004"
     assert "resuming from step_00000004" in capsys.readouterr().err
@@ -237,7 +265,10 @@ def test_yaml_numbers_and_limits_are_checked(tmp_path, token_dir):
     y.write_text("lr: fast\n")
     with pytest.raises(RevLLMError, match="lr='fast' must be a number"):
         build_config(y)
-    for bad, msg in (({"stop_after": 0}, "stop_after=0 must be a step >= 1"), ({"max_time": -5.0}, "max_time=-5.0 must be > 0")):
+    for bad, msg in (
+        ({"stop_after": 0}, "stop_after=0 must be a step >= 1"),
+        ({"max_time": -5.0}, "max_time=-5.0 must be > 0"),
+    ):
         with pytest.raises(RevLLMError, match=msg):
             tiny_train_config(token_dir, tmp_path / "r", **bad).validate()
 
@@ -246,8 +277,10 @@ def test_init_from_refuses_architecture_flags_and_records_the_models_own(tmp_pat
     src = tmp_path / "src"
     train(tiny_train_config(token_dir, src, max_steps=1, dynamics="euler", layers=3))
     with pytest.raises(RevLLMError, match="drop --dynamics, --layers"):
-        train(tiny_train_config(token_dir, tmp_path / "a", init_from=str(src), dynamics="leapfrog", layers=8),
-              explicit={"init_from", "dynamics", "layers"})
+        train(
+            tiny_train_config(token_dir, tmp_path / "a", init_from=str(src), dynamics="leapfrog", layers=8),
+            explicit={"init_from", "dynamics", "layers"},
+        )
     s = train(tiny_train_config(token_dir, tmp_path / "b", init_from=str(src), max_steps=1))  # cfg default: midpoint
     assert s["dynamics"] == "euler" and s["config"]["layers"] == 3
 

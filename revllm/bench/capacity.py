@@ -5,6 +5,7 @@ failure. Each probe is a full forward + backward + AdamW step in a fresh process
 allocator state never carries over between probes. ``tolerance`` stops the bisection once the bracket
 is within that fraction of the best batch (0 = exact), which bounds the number of slow probes on CPU.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from .memory import envelope
 from .process import spawn
 
 
-def search_max_batch(probe: Callable[[int], bool], start: int = 1, cap: int = 1 << 16,
-                     tolerance: float = 0.0) -> tuple[int, list[tuple[int, bool]], bool]:
+def search_max_batch(
+    probe: Callable[[int], bool], start: int = 1, cap: int = 1 << 16, tolerance: float = 0.0
+) -> tuple[int, list[tuple[int, bool]], bool]:
     """Largest batch b <= cap with probe(b) True, assuming fit is monotone in b.
 
     Returns (best, trace of (batch, ok) in probe order, capped). best is 0 when ``start`` fails.
@@ -52,17 +54,37 @@ def search_max_batch(probe: Callable[[int], bool], start: int = 1, cap: int = 1 
     return lo, trace, False
 
 
-def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 16, tolerance=0.0,
-                   steps=3, warmup=1, command="", worker=spawn, on_row=None, resume_rows=()) -> dict:
+def capacity_table(
+    configs,
+    depths,
+    base: Spec,
+    budget=None,
+    start=1,
+    cap=1 << 16,
+    tolerance=0.0,
+    steps=3,
+    warmup=1,
+    command="",
+    worker=spawn,
+    on_row=None,
+    resume_rows=(),
+) -> dict:
     """``on_row(partial_result)`` is called after every (depth, configuration), so partial runs are kept.
     ``resume_rows``: rows of an interrupted run; a finished search is reused, a missing throughput is measured.
     The throughput run is not capped by the budget: the batch was chosen under it, and allocator
     fragmentation over several steps may lift RSS slightly above the single-step probe (its peak is recorded)."""
     done = {(r["config"], r["layers"]): r for r in resume_rows if "max_batch" in r}
     rows = []
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
-             "depths": list(depths), "budget_bytes": budget, "start": start, "cap": cap, "tolerance": tolerance,
-             "steps": steps, "warmup": warmup}
+    setup = {
+        **{k: v for k, v in base.to_dict().items() if k not in ("config", "layers", "batch")},
+        "depths": list(depths),
+        "budget_bytes": budget,
+        "start": start,
+        "cap": cap,
+        "tolerance": tolerance,
+        "steps": steps,
+        "warmup": warmup,
+    }
     bar = tqdm(desc="capacity", unit="probe")
     for L in depths:
         for c in configs:
@@ -82,7 +104,9 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                 res = worker({"task": "probe", **job, "batch": b})
                 bar.update()
                 bar.set_postfix_str(f"{c} L={L} b={b} {'ok' if res.get('ok') else res.get('reason')}")
-                probes.append({k: res.get(k) for k in ("batch", "ok", "reason", "detail", "peak_bytes", "step_seconds")})
+                probes.append(
+                    {k: res.get(k) for k in ("batch", "ok", "reason", "detail", "peak_bytes", "step_seconds")}
+                )
                 if res.get("reason") == "error":
                     raise RevLLMError(f"probe {c} L={L} batch={b} failed: {res.get('detail')}")
                 if res.get("reason") == "model_over_budget":
@@ -90,8 +114,14 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
                 return res.get("ok")
 
             best, _, capped = search_max_batch(probe, start=start, cap=cap, tolerance=tolerance)
-            row = {"config": c, "layers": L, "budget_bytes": budget, "max_batch": best, "capped": capped,
-                   "probes": probes}
+            row = {
+                "config": c,
+                "layers": L,
+                "budget_bytes": budget,
+                "max_batch": best,
+                "capped": capped,
+                "probes": probes,
+            }
             if best:
                 _throughput(row, job, worker, steps, warmup)
                 bar.update()
@@ -105,10 +135,16 @@ def capacity_table(configs, depths, base: Spec, budget=None, start=1, cap=1 << 1
 
 
 def _throughput(row, job, worker, steps, warmup):
-    res = worker({"task": "throughput", **job, "budget_bytes": None, "batch": row["max_batch"], "steps": steps,
-                  "warmup": warmup})
-    row.update(tokens_per_s=res.get("tokens_per_s"), throughput_ok=res.get("ok"), throughput_reason=res.get("reason"),
-               step_times=res.get("step_times"), peak_bytes=res.get("peak_bytes"))
+    res = worker(
+        {"task": "throughput", **job, "budget_bytes": None, "batch": row["max_batch"], "steps": steps, "warmup": warmup}
+    )
+    row.update(
+        tokens_per_s=res.get("tokens_per_s"),
+        throughput_ok=res.get("ok"),
+        throughput_reason=res.get("reason"),
+        step_times=res.get("step_times"),
+        peak_bytes=res.get("peak_bytes"),
+    )
 
 
 def relative(rows):

@@ -7,6 +7,7 @@ Configuration names (see the package docstring for (a)-(d)):
   ``<rev>_stored``     (d) the same reversible model, ordinary stored autograd
 Shape legend: B batch, T tokens (sequence length), D width, L layers, V vocab.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,21 @@ def parse_configs(text: str | list[str]) -> list[str]:
     return names
 
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+}
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -133,9 +147,15 @@ def build_model(spec: Spec):
     """The benchmark model for ``spec``: gradients preallocated, train mode, on the device."""
     dyn, memory_free, ckpt = parse_config(spec.config)
     cfg = RevLLMConfig(
-        block=spec.block, dynamics=dyn, memory_free=memory_free, num_hidden_layers=spec.layers,
-        hidden_size=spec.d, num_attention_heads=spec.heads, vocab_size=spec.vocab,
-        max_position_embeddings=max(spec.seq, 1024), loss_chunk_size=spec.loss_chunk,
+        block=spec.block,
+        dynamics=dyn,
+        memory_free=memory_free,
+        num_hidden_layers=spec.layers,
+        hidden_size=spec.d,
+        num_attention_heads=spec.heads,
+        vocab_size=spec.vocab,
+        max_position_embeddings=max(spec.seq, 1024),
+        loss_chunk_size=spec.loss_chunk,
     )
     torch.manual_seed(spec.seed)
     model = RevLLMForCausalLM(cfg).to(spec.device).train()
@@ -191,8 +211,14 @@ def machine(device: str) -> dict:
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
     try:
         info["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

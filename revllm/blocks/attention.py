@@ -3,6 +3,7 @@
 Shapes: q (B, H, T, K); k, v (B, Hkv, S, K) with H a multiple of Hkv (grouped-query attention).
 ``mask`` is None (pure causal, T == S) or a boolean (B, 1, T, S) tensor, True = attend.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,9 @@ def eager(q, k, v, mask=None, dropout_p=0.0, scale=None):
     return probs @ v
 
 
-
-def build_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device,
-               window: int | None = None) -> torch.Tensor | None:
+def build_mask(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device, window: int | None = None
+) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) causal mask with padded keys removed, or None for plain causal attention.
 
     None only when T == S and nothing is padded: sdpa's ``is_causal`` aligns its triangle to the top

@@ -8,6 +8,7 @@
 Keys match GemmaForCausalLM (``model.layers.{i}.mlp.gate_proj.weight`` ...); the head is tied.
 Shape legend: B batch, T tokens, D width.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -70,7 +71,13 @@ def translate(c) -> dict:
 
 
 SPEC = FamilySpec(
-    name="gemma", backbone=GemmaBackbone, block=GemmaBlock, embedding="embed_tokens", norms=(GemmaRMSNorm,),
-    norm_weight=0.0, activations=ACTIVATIONS, lora_targets=llama.SPEC.lora_targets,
+    name="gemma",
+    backbone=GemmaBackbone,
+    block=GemmaBlock,
+    embedding="embed_tokens",
+    norms=(GemmaRMSNorm,),
+    norm_weight=0.0,
+    activations=ACTIVATIONS,
+    lora_targets=llama.SPEC.lora_targets,
 )
 HF = HFSource("gemma", "GemmaForCausalLM", "gemma", "model.", translate, skip=("rotary_emb.inv_freq",))

@@ -8,6 +8,7 @@ HF's Conv1D layout ((in, out) matrices), so a GPT-2 checkpoint loads key for key
 (the Hamiltonian rule evaluates them separately).
 Shape legend: B batch, T tokens, D width, H heads, K head dim.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -134,9 +135,16 @@ def translate(c) -> dict:
 
 
 SPEC = FamilySpec(
-    name="gpt2", backbone=GPT2Backbone, block=GPT2Block, embedding="wte", norms=(nn.LayerNorm,),
-    activations=ACTIVATIONS, lora_targets=("c_attn", "attn.c_proj"), lora_fan_in_fan_out=True,
-    grouped_kv=False, free_head_dim=False,
+    name="gpt2",
+    backbone=GPT2Backbone,
+    block=GPT2Block,
+    embedding="wte",
+    norms=(nn.LayerNorm,),
+    activations=ACTIVATIONS,
+    lora_targets=("c_attn", "attn.c_proj"),
+    lora_fan_in_fan_out=True,
+    grouped_kv=False,
+    free_head_dim=False,
 )
 # Some transformers versions persist GPT-2's causal 'bias' table: a buffer, not a weight.
 HF = HFSource("gpt2", "GPT2LMHeadModel", "gpt2", "transformer.", translate, skip=(".attn.bias", ".attn.masked_bias"))

@@ -7,6 +7,7 @@ No ``x + ...`` here: the dynamics own the residual update. Keys match LlamaForCa
 Qwen2ForCausalLM exactly (``model.layers.{i}.self_attn.q_proj.weight`` ...).
 Shape legend: B batch, T tokens, D width, H heads, G kv heads, K head dim.
 """
+
 from __future__ import annotations
 
 import torch
@@ -160,8 +161,10 @@ def rope_theta(c) -> float:
 def translate(c, block: str = "llama", activations: tuple[str, ...] = ("silu",)) -> dict:
     """RevLLMConfig fields of a Llama-layout HF config (also the base of Qwen2, Mistral, Gemma)."""
     if c.hidden_act not in activations:
-        raise RevLLMError(f"hidden_act={c.hidden_act!r} is not supported for block={block!r} "
-                          f"(the gated MLP implements {', '.join(activations)})")
+        raise RevLLMError(
+            f"hidden_act={c.hidden_act!r} is not supported for block={block!r} "
+            f"(the gated MLP implements {', '.join(activations)})"
+        )
     if getattr(c, "mlp_bias", False):
         raise RevLLMError("mlp_bias=True is not supported")
     return dict(
@@ -181,7 +184,12 @@ def translate(c, block: str = "llama", activations: tuple[str, ...] = ("silu",))
 
 
 SPEC = FamilySpec(
-    name="llama", backbone=LlamaBackbone, block=LlamaBlock, embedding="embed_tokens", norms=(LlamaRMSNorm,),
-    activations=("silu",), lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    name="llama",
+    backbone=LlamaBackbone,
+    block=LlamaBlock,
+    embedding="embed_tokens",
+    norms=(LlamaRMSNorm,),
+    activations=("silu",),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 HF = HFSource("llama", "LlamaForCausalLM", "llama", "model.", translate, skip=("rotary_emb.inv_freq",))

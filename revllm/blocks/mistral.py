@@ -1,5 +1,6 @@
 """Mistral converts into the Llama family; its sliding-window attention becomes ``attention_window``
 (a query attends to the ``sliding_window`` most recent positions, itself included, as in HF)."""
+
 from __future__ import annotations
 
 from . import llama

@@ -1,4 +1,5 @@
 """Qwen2 converts into the Llama family: the same layer with biases on q, k and v (``qkv_bias``)."""
+
 from __future__ import annotations
 
 from ..errors import RevLLMError

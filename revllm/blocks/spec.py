@@ -3,6 +3,7 @@ per Hugging Face architecture it converts from. Each lives next to its block fil
 registers them. Configuration, modeling, conversion and fine-tuning read these and never switch on a
 family's name, so a new family is its own file (blocks, spec, source) plus one registry line.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,13 +31,16 @@ class FamilySpec:
     def check(self, config) -> None:
         """Raise ``ValueError`` for a RevLLMConfig this family's blocks cannot build faithfully."""
         if config.hidden_act not in self.activations:
-            raise ValueError(f"hidden_act={config.hidden_act!r} is not implemented for block={self.name!r}; "
-                             f"allowed: {', '.join(self.activations)}")
+            raise ValueError(
+                f"hidden_act={config.hidden_act!r} is not implemented for block={self.name!r}; "
+                f"allowed: {', '.join(self.activations)}"
+            )
         if not self.grouped_kv and config.num_key_value_heads != config.num_attention_heads:
             raise ValueError(f"num_key_value_heads must equal num_attention_heads for block={self.name!r}")
         if not self.free_head_dim and config.head_dim != config.hidden_size // config.num_attention_heads:
-            raise ValueError(f"head_dim={config.head_dim} must be hidden_size / num_attention_heads "
-                             f"for block={self.name!r}")
+            raise ValueError(
+                f"head_dim={config.head_dim} must be hidden_size / num_attention_heads for block={self.name!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -56,4 +60,4 @@ class HFSource:
     skip: tuple[str, ...] = ()
 
     def map_key(self, key: str) -> str:
-        return "model." + key[len(self.prefix):] if key.startswith(self.prefix) else key
+        return "model." + key[len(self.prefix) :] if key.startswith(self.prefix) else key

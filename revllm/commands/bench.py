@@ -3,6 +3,7 @@
 Each table command writes ``<out>/<table>_<machine>.json`` (the record), ``.md`` and (memory,
 capacity) ``.png``; ``report`` re-renders them all from the JSON and prints the Markdown.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -22,17 +23,23 @@ DEFAULT_OUT = "benchmarks/results"
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("bench", help="memory / step time / max batch against ordinary training and checkpointing")
+    p = subparsers.add_parser(
+        "bench", help="memory / step time / max batch against ordinary training and checkpointing"
+    )
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="TABLE")
     _add_model_tables(sub)
     _add_finetune_and_results(sub)
 
 
-def _model_args(q, layers_help, depths=None,
-                configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"):
+def _model_args(
+    q, layers_help, depths=None, configs="euler,euler_ckpt,midpoint,leapfrog,midpoint_a,hamiltonian,midpoint_stored"
+):
     """The model shape and output options every table shares."""
-    q.add_argument("--configs", default=configs,
-                   help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)")
+    q.add_argument(
+        "--configs",
+        default=configs,
+        help="comma list: euler (a), euler_ckpt (b), <reversible> (c, memory-free), <reversible>_stored (d)",
+    )
     if depths is not None:
         q.add_argument("--depths", default=depths, help=layers_help)
     else:
@@ -83,28 +90,41 @@ def _add_model_tables(sub):
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--steps", type=int, default=4, help="AdamW steps per row, from cold")
     a.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row")
-    a.add_argument("--preload", action="append", default=[], metavar="NAME=PATH",
-                   help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)")
+    a.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)",
+    )
     a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
 
 
 def _add_finetune_and_results(sub):
     """finetune (SmolLM2-135M), and report / merge of saved results."""
     f = sub.add_parser("finetune", help="fine-tuning SmolLM2-135M: peak memory, s/step, tokens/s vs sequence and batch")
-    f.add_argument("--configs", default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
-                   help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog")
+    f.add_argument(
+        "--configs",
+        default="hf,hf_ckpt,euler,euler_ckpt,near_euler_k4,leapfrog",
+        help="comma list of hf, hf_ckpt, euler, euler_ckpt, near_euler_k4, leapfrog",
+    )
     f.add_argument("--modes", default="full,lora", help="comma list of full, lora (r=8)")
     f.add_argument("--seqs", default="512,1024,2048,4096,8192", help="sequence lengths at batch 1")
     f.add_argument("--batches", default="1,2,4,8", help="batch sweep at 1,024 tokens")
     f.add_argument("--steps", type=int, default=1, help="timed steps per row (after one short warm-up step)")
     f.add_argument("--budgets", default="4GiB,8GiB", help="budgets for the what-fits summary (by measured peak)")
-    f.add_argument("--memory-limit", default=None,
-                   help="hard cap per row (RLIMIT_AS): a row over it fails as oom instead of swapping")
+    f.add_argument(
+        "--memory-limit",
+        default=None,
+        help="hard cap per row (RLIMIT_AS): a row over it fails as oom instead of swapping",
+    )
     f.add_argument("--max-seconds", type=float, default=None, help="per-row wall limit")
     f.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each row (default: as set)")
     f.add_argument("--out", default=DEFAULT_OUT, help="results directory")
     f.add_argument("--name", default=None, help="file stem instead of 'finetune'")
-    f.add_argument("--fresh", action="store_true", help="measure every row again (default: resume, skipping finished rows)")
+    f.add_argument(
+        "--fresh", action="store_true", help="measure every row again (default: resume, skipping finished rows)"
+    )
     f.set_defaults(func=run_finetune)
 
     r = sub.add_parser("report", help="re-render every result's Markdown/PNG from its JSON and print the tables")
@@ -127,9 +147,19 @@ def _base(args, batch: int = 8):
     if args.name and not all(ch.isalnum() or ch in "-." for ch in args.name):
         raise RevLLMError(f"--name {args.name!r} may only hold letters, digits, '-' and '.'")
     configs = parse_configs(args.configs)
-    spec = Spec(d=args.d, heads=args.heads, seq=args.seq, vocab=args.vocab, block=args.block, batch=batch,
-                loss_chunk=args.loss_chunk, device=device, dtype=dtype, compile=args.compile,
-                layers=getattr(args, "layers", 1))
+    spec = Spec(
+        d=args.d,
+        heads=args.heads,
+        seq=args.seq,
+        vocab=args.vocab,
+        block=args.block,
+        batch=batch,
+        loss_chunk=args.loss_chunk,
+        device=device,
+        dtype=dtype,
+        compile=args.compile,
+        layers=getattr(args, "layers", 1),
+    )
     return configs, spec
 
 
@@ -174,8 +204,15 @@ def run_memory(args):
     depths = parse_ints(args.depths, "--depths")
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise RevLLMError(f"--max-seconds must be positive, got {args.max_seconds:g}")
-    result = memory_table(configs, depths, spec, budget=parse_bytes(args.memory_budget),
-                          max_seconds=args.max_seconds, command=_command(args), on_row=_saver(args))
+    result = memory_table(
+        configs,
+        depths,
+        spec,
+        budget=parse_bytes(args.memory_budget),
+        max_seconds=args.max_seconds,
+        command=_command(args),
+        on_row=_saver(args),
+    )
     _finish(result, args)
 
 
@@ -184,8 +221,9 @@ def run_speed(args):
     if args.layers < 1 or args.repeats < 1 or args.warmup < 0:
         raise RevLLMError("--layers and --repeats must be positive and --warmup non-negative")
     configs, spec = _base(args, batches[0])
-    result = speed_table(configs, batches, spec, repeats=args.repeats, warmup=args.warmup, command=_command(args),
-                         profile=args.profile)
+    result = speed_table(
+        configs, batches, spec, repeats=args.repeats, warmup=args.warmup, command=_command(args), profile=args.profile
+    )
     _finish(result, args)
 
 
@@ -212,9 +250,20 @@ def run_capacity(args):
         if diff:
             raise RevLLMError(f"--resume {args.resume} was measured with another {', '.join(diff)}: start a new table")
         resume_rows = prev["rows"]
-    result = capacity_table(configs, depths, spec, budget=budget, resume_rows=resume_rows, start=args.start_batch, cap=args.max_batch,
-                            tolerance=args.tolerance, steps=args.steps, warmup=args.warmup, command=_command(args),
-                            on_row=_saver(args))
+    result = capacity_table(
+        configs,
+        depths,
+        spec,
+        budget=budget,
+        resume_rows=resume_rows,
+        start=args.start_batch,
+        cap=args.max_batch,
+        tolerance=args.tolerance,
+        steps=args.steps,
+        warmup=args.warmup,
+        command=_command(args),
+        on_row=_saver(args),
+    )
     _finish(result, args)
 
 
@@ -228,8 +277,16 @@ def run_allocator(args):
             raise RevLLMError(f"--preload {item!r}: give NAME=PATH of an existing shared library")
         preloads[name] = path
     configs, spec = _base(args, args.batch)
-    result = allocator_table(configs, parse_ints(args.depths, "--depths"), spec, args.steps, preloads,
-                             threads=args.threads, command=_command(args), on_row=_saver(args))
+    result = allocator_table(
+        configs,
+        parse_ints(args.depths, "--depths"),
+        spec,
+        args.steps,
+        preloads,
+        threads=args.threads,
+        command=_command(args),
+        on_row=_saver(args),
+    )
     _finish(result, args)
 
 
@@ -251,9 +308,17 @@ def run_finetune(args):
         raise RevLLMError(f"sequence length {longest} exceeds SmolLM2's {positions} positions")
     target = Path(args.out) / f"{args.name or 'finetune'}_{machine_tag('cpu')}.json"
     resume_rows = [] if args.fresh else load_resume(target)
-    result = finetune_table(plan(configs, modes, seqs, batches), steps=args.steps, budgets=budgets, limit=limit,
-                            max_seconds=args.max_seconds, threads=args.threads, resume_rows=resume_rows,
-                            command=_command(args), on_row=_saver(args))
+    result = finetune_table(
+        plan(configs, modes, seqs, batches),
+        steps=args.steps,
+        budgets=budgets,
+        limit=limit,
+        max_seconds=args.max_seconds,
+        threads=args.threads,
+        resume_rows=resume_rows,
+        command=_command(args),
+        on_row=_saver(args),
+    )
     _finish(result, args)
 
 

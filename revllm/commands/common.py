@@ -1,4 +1,5 @@
 """Helpers shared by the subcommands (not a command itself: cli.py skips this module)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,26 @@ DYNAMICS_DEFAULTS = dict(dynamics="midpoint_a", k=4, initial_state="fixed_point"
 
 def add_dynamics_args(p: argparse.ArgumentParser) -> None:
     d = DYNAMICS_DEFAULTS
-    p.add_argument("--dynamics", default=d["dynamics"], choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
-                   help="update rule (default midpoint_a: near-Euler with a = 2^-k)")
+    p.add_argument(
+        "--dynamics",
+        default=d["dynamics"],
+        choices=["euler", "midpoint", "leapfrog", "midpoint_a", "hamiltonian"],
+        help="update rule (default midpoint_a: near-Euler with a = 2^-k)",
+    )
     p.add_argument("--k", type=int, default=d["k"], help="midpoint_a coefficient a = 2^-k (default 4)")
     p.add_argument("--step-size", type=float, default=None, help="h (default 1.0, the residual's step)")
-    p.add_argument("--initial-state", default=d["initial_state"], choices=["fixed_point", "copy", "zero"],
-                   help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))")
-    p.add_argument("--memory-free", choices=["auto", "on", "off"], default="auto",
-                   help="reversible backward (auto: on for reversible rules that can reconstruct)")
+    p.add_argument(
+        "--initial-state",
+        default=d["initial_state"],
+        choices=["fixed_point", "copy", "zero"],
+        help="second initial stream (default fixed_point: p_-1 = p_0 - h f_0(p_0))",
+    )
+    p.add_argument(
+        "--memory-free",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="reversible backward (auto: on for reversible rules that can reconstruct)",
+    )
 
 
 def dynamics_kwargs(args) -> dict:

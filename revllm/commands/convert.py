@@ -3,6 +3,7 @@
 Optionally reports the distance to the original before training (``--report-text``: perplexity of both
 and KL(original || converted)) and distills right away (``--distill DATA``, same options as finetune).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,26 +29,50 @@ O1_DEFAULTS = dict(dynamics="leapfrog", hard_layers="auto", layer_weight=0.0, la
 
 
 def add_parser(sub):
-    p = sub.add_parser("convert", help="convert a pretrained GPT-2/Llama/Qwen2 model into a reversible one",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help="convert a pretrained GPT-2/Llama/Qwen2 model into a reversible one",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
     p.add_argument("out", help="output directory (must not exist or be empty)")
     add_dynamics_args(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--report-text", help="text file: report perplexity of both models and KL before training")
     p.add_argument("--report-tokens", type=int, default=4096, help="tokens of --report-text to score (default 4096)")
-    p.add_argument("--distill", metavar="DATA", help="distill right after converting, on a token dir from `revllm data` "
-                   "(the run goes to OUT.run; --resume continues it)")
+    p.add_argument(
+        "--distill",
+        metavar="DATA",
+        help="distill right after converting, on a token dir from `revllm data` "
+        "(the run goes to OUT.run; --resume continues it)",
+    )
     o1 = p.add_argument_group("O(1)-memory recipe (--memory o1; see the README)")
-    o1.add_argument("--memory", choices=["kbit", "o1"], default="kbit",
-                    help="kbit (default): near-Euler midpoint_a, a k-bit buffer per layer; o1: a rule with no per-layer "
-                         "buffer (default leapfrog) plus a few stored hard layers, distilled with per-layer hidden matching")
-    o1.add_argument("--hard-layers", default=None, metavar="auto|none|J,K",
-                    help="o1: layers kept as stored residual layers (default auto: calibrated, at most 2)")
-    o1.add_argument("--layer-weight", type=float, default=None,
-                    help=f"o1: weight of the per-layer hidden-state term at the start (default {O1_DEFAULTS['layer_weight']:g})")
-    o1.add_argument("--layer-weight-end", type=float, default=None,
-                    help=f"o1: its weight at the last step, linear in between (default {O1_DEFAULTS['layer_weight_end']:g})")
+    o1.add_argument(
+        "--memory",
+        choices=["kbit", "o1"],
+        default="kbit",
+        help="kbit (default): near-Euler midpoint_a, a k-bit buffer per layer; o1: a rule with no per-layer "
+        "buffer (default leapfrog) plus a few stored hard layers, distilled with per-layer hidden matching",
+    )
+    o1.add_argument(
+        "--hard-layers",
+        default=None,
+        metavar="auto|none|J,K",
+        help="o1: layers kept as stored residual layers (default auto: calibrated, at most 2)",
+    )
+    o1.add_argument(
+        "--layer-weight",
+        type=float,
+        default=None,
+        help=f"o1: weight of the per-layer hidden-state term at the start (default {O1_DEFAULTS['layer_weight']:g})",
+    )
+    o1.add_argument(
+        "--layer-weight-end",
+        type=float,
+        default=None,
+        help=f"o1: its weight at the last step, linear in between (default {O1_DEFAULTS['layer_weight_end']:g})",
+    )
     add_training_args(p)
     p.set_defaults(func=run, dynamics=None)
 
@@ -83,8 +108,14 @@ def run(args):
         model = convert(original, dtype=dtype, stored_layers=stored or None, **dynamics_kwargs(args))
     else:
         model = convert(original, dtype=dtype, **dynamics_kwargs(args))
-    report = {"source": str(args.src), "dynamics": args.dynamics, "k": args.k if args.dynamics == "midpoint_a" else None,
-              "initial_state": args.initial_state, "step_size": model.config.step_size, "memory": args.memory}
+    report = {
+        "source": str(args.src),
+        "dynamics": args.dynamics,
+        "k": args.k if args.dynamics == "midpoint_a" else None,
+        "initial_state": args.initial_state,
+        "step_size": model.config.step_size,
+        "memory": args.memory,
+    }
     if args.memory == "o1":
         report["o1"] = o1_report
     if args.report_text:
@@ -95,13 +126,23 @@ def run(args):
         report["converted_ppl"] = evaluate_perplexity(model, ids, seq_len=win)["perplexity"]
         report["kl_original_converted"] = kl_divergence(original, model, ids, seq_len=win)
         report["report_tokens"] = len(ids)
-        print(f"| model | perplexity |\n|---|---|\n| original | {report['original_ppl']:.3f} |\n"
-              f"| converted ({args.dynamics}) | {report['converted_ppl']:.3f} |\n"
-              f"KL(original || converted) = {report['kl_original_converted']:.4g} nats/token over {len(ids)} tokens")
+        print(
+            f"| model | perplexity |\n|---|---|\n| original | {report['original_ppl']:.3f} |\n"
+            f"| converted ({args.dynamics}) | {report['converted_ppl']:.3f} |\n"
+            f"KL(original || converted) = {report['kl_original_converted']:.4g} nats/token over {len(ids)} tokens"
+        )
     if args.distill:
         # --resume: the student comes from the run's latest good checkpoint, not from this conversion
-        summary = run_finetune(None if args.resume else model, original, tokenizer, args.distill,
-                               out.with_name(out.name + ".run"), args, distill=True, loss_fn=loss_fn)
+        summary = run_finetune(
+            None if args.resume else model,
+            original,
+            tokenizer,
+            args.distill,
+            out.with_name(out.name + ".run"),
+            args,
+            distill=True,
+            loss_fn=loss_fn,
+        )
         model = summary.pop("model")
         if model is None:  # torchrun: ranks > 0 trained alongside; rank 0 alone writes OUT
             return 0
@@ -115,7 +156,11 @@ def run(args):
 
 def _check_memory_flags(args) -> None:
     """--memory o1 picks its own rule; the recipe flags mean nothing without it (refused, not ignored)."""
-    given = [f"--{k.replace('_', '-')}" for k in ("hard_layers", "layer_weight", "layer_weight_end") if getattr(args, k) is not None]
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in ("hard_layers", "layer_weight", "layer_weight_end")
+        if getattr(args, k) is not None
+    ]
     if args.resume and given:
         raise RevLLMError(f"--resume continues the run's own recipe (RUN/o1.json): drop {', '.join(given)}")
     if args.memory != "o1":
@@ -125,8 +170,10 @@ def _check_memory_flags(args) -> None:
         return
     args.dynamics = args.dynamics or O1_DEFAULTS["dynamics"]
     if args.dynamics not in O1_RULES:
-        raise RevLLMError(f"--memory o1 needs a rule without a per-layer buffer ({', '.join(O1_RULES)}); "
-                          f"--dynamics {args.dynamics} is not one")
+        raise RevLLMError(
+            f"--memory o1 needs a rule without a per-layer buffer ({', '.join(O1_RULES)}); "
+            f"--dynamics {args.dynamics} is not one"
+        )
     if not args.distill:
         raise RevLLMError("--memory o1 is a conversion plus distillation: give --distill DATA")
     for k, v in O1_DEFAULTS.items():
@@ -139,5 +186,7 @@ def _refuse_converted(src_path, args) -> None:
     cfg = Path(src_path) / "config.json"
     if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "revllm":
         what = " --memory o1" if args.memory == "o1" else ""
-        raise RevLLMError(f"{args.src} is already a converted revllm model: convert{what} starts from the original "
-                          "(to keep training a converted model, use `revllm finetune`)")
+        raise RevLLMError(
+            f"{args.src} is already a converted revllm model: convert{what} starts from the original "
+            "(to keep training a converted model, use `revllm finetune`)"
+        )

@@ -4,6 +4,7 @@ SRC is a converted revllm model, or an original HF model / .gguf / ``smollm2`` w
 with ``--dynamics/--k`` (the original then serves as the teacher). For a model that is already converted,
 distillation needs ``--teacher``. DATA is a ``revllm data`` token dir. Training runs on ``revllm train``'s loop (checkpoints, --resume, metrics.csv).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ from ..io import load_model, load_tokenizer, resolve_model_dir
 from .common import DYNAMICS_DEFAULTS, add_dynamics_args, dynamics_kwargs, positive_int
 
 # Defaults of a new run. They are not argparse defaults: on --resume an unset flag keeps the run's own value.
-TRAINING_DEFAULTS = dict(steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=10, seed=0, eval_interval=50,
-                         checkpoint_interval=100)
+TRAINING_DEFAULTS = dict(
+    steps=100, batch_size=4, seq_len=128, lr=1e-4, warmup=10, seed=0, eval_interval=50, checkpoint_interval=100
+)
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -36,25 +38,44 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-interval", type=positive_int, help=f"(default {d['checkpoint_interval']})")
     g.add_argument("--max-time", type=float, default=None, help="seconds; stop (and checkpoint) early")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (logs and metrics.csv only)")
-    g.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
-                   help="under torchrun/accelerate launch with several processes (--batch-size is per process)")
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (logs and metrics.csv only)"
+    )
+    g.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp2"],
+        default="ddp",
+        help="under torchrun/accelerate launch with several processes (--batch-size is per process)",
+    )
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T (loss scaled by T^2)")
     g.add_argument("--ce-weight", type=float, default=0.0, help="weight of the added cross-entropy on the text")
     g.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state matching (MSE)")
-    g.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft), merged on save")
-    g.add_argument("--anneal-a", type=int, default=None, metavar="K_END",
-                   help="midpoint_a: step k down to K_END (a = 2^-k toward 1) over the run")
+    g.add_argument(
+        "--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft), merged on save"
+    )
+    g.add_argument(
+        "--anneal-a",
+        type=int,
+        default=None,
+        metavar="K_END",
+        help="midpoint_a: step k down to K_END (a = 2^-k toward 1) over the run",
+    )
 
 
 def add_parser(sub):
-    p = sub.add_parser("finetune", help="distillation or supervised fine-tuning of a converted model",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "finetune",
+        help="distillation or supervised fine-tuning of a converted model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="converted revllm model, or an HF dir / .gguf / 'smollm2' to convert first")
     p.add_argument("--data", required=True, help="token directory from `revllm data` (made with the model's tokenizer)")
     p.add_argument("--out", required=True, help="run directory (model saved to RUN/model)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--distill", dest="distill", action="store_true", default=True, help="KL to the teacher (default)")
+    mode.add_argument(
+        "--distill", dest="distill", action="store_true", default=True, help="KL to the teacher (default)"
+    )
     mode.add_argument("--sft", dest="distill", action="store_false", help="plain cross-entropy on DATA")
     p.add_argument("--teacher", help="teacher model (default: SRC itself when SRC is an original HF model)")
     add_dynamics_args(p)
@@ -87,15 +108,33 @@ def run_finetune(model, teacher, tokenizer, data, out, args, distill: bool, loss
         a = model.config.midpoint_a
         d = dyadic(a) if isinstance(a, (int, float)) and 0 < a <= 1 else None
         if d is None or d[0] != 1:  # a single a = 2^-k, as a conversion sets it
-            raise ValueError(f"--anneal-a needs one coefficient a = 2^-k (a converted near-Euler model); got midpoint_a={a!r}")
+            raise ValueError(
+                f"--anneal-a needs one coefficient a = 2^-k (a converted near-Euler model); got midpoint_a={a!r}"
+            )
         anneal = AnnealA(d[1], args.anneal_a, args.steps)
-    return finetune(model, data, out, teacher=teacher if distill else None, loss_fn=loss_fn, lora=args.lora,
-                    anneal=anneal, tokenizer=tokenizer, resume=args.resume, max_steps=args.steps,
-                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                    min_lr=None if args.lr is None else args.lr / 10,
-                    warmup=args.warmup, seed=args.seed, eval_interval=args.eval_interval,
-                    checkpoint_interval=args.checkpoint_interval, max_time=args.max_time,
-                    parallel=args.parallel, progress=args.progress)
+    return finetune(
+        model,
+        data,
+        out,
+        teacher=teacher if distill else None,
+        loss_fn=loss_fn,
+        lora=args.lora,
+        anneal=anneal,
+        tokenizer=tokenizer,
+        resume=args.resume,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        min_lr=None if args.lr is None else args.lr / 10,
+        warmup=args.warmup,
+        seed=args.seed,
+        eval_interval=args.eval_interval,
+        checkpoint_interval=args.checkpoint_interval,
+        max_time=args.max_time,
+        parallel=args.parallel,
+        progress=args.progress,
+    )
 
 
 def run(args):
@@ -104,15 +143,21 @@ def run(args):
     model = load_model(src)
     tokenizer = load_tokenizer(src, required=False)
     teacher = None
-    given = [f"--{k.replace('_', '-')}" for k in ("dynamics", "k", "step_size", "initial_state") if getattr(args, k) is not None]
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in ("dynamics", "k", "step_size", "initial_state")
+        if getattr(args, k) is not None
+    ]
     if getattr(model.config, "model_type", "") != "revllm":
         teacher = model
         for k, v in DYNAMICS_DEFAULTS.items():
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
         model = convert(teacher, **dynamics_kwargs(args))  # the model just loaded (src may be a run dir)
     elif given:
-        raise RevLLMError(f"{args.src} is already a converted {model.config.dynamics} model: {', '.join(given)} "
-                          "apply only when SRC is an original model (convert it again from the original)")
+        raise RevLLMError(
+            f"{args.src} is already a converted {model.config.dynamics} model: {', '.join(given)} "
+            "apply only when SRC is an original model (convert it again from the original)"
+        )
     elif args.memory_free != "auto":
         on = args.memory_free == "on"
         if on and not model.dynamics.reversible:

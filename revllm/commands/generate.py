@@ -1,4 +1,5 @@
 """``revllm generate``: sample text from a run, checkpoint or HF model dir (HF ``generate``)."""
+
 from __future__ import annotations
 
 import sys
@@ -37,18 +38,35 @@ def run(args):
     if enc["input_ids"].shape[1] == 0:
         raise RevLLMError("the prompt has no tokens (only whitespace?)")
     # eos may be one id or a list (the generation config's first, then the model config's, then the tokenizer's)
-    eos = next((e for e in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
-                            tok.eos_token_id) if e is not None), None)
+    eos = next(
+        (
+            e
+            for e in (
+                getattr(model.generation_config, "eos_token_id", None),
+                model.config.eos_token_id,
+                tok.eos_token_id,
+            )
+            if e is not None
+        ),
+        None,
+    )
     pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                           temperature=None if args.greedy else args.temperature,
-                           top_k=None if args.greedy else args.top_k,  # 0 = off (None would mean 50)
-                           top_p=None if args.greedy else args.top_p, eos_token_id=eos, pad_token_id=pad)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=None if args.greedy else args.temperature,
+        top_k=None if args.greedy else args.top_k,  # 0 = off (None would mean 50)
+        top_p=None if args.greedy else args.top_p,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     torch.manual_seed(args.seed)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and enc["input_ids"].shape[1] + args.max_new_tokens > max_pos:
-        raise RevLLMError(f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
-                          f"exceeds the model's {max_pos} positions")
+        raise RevLLMError(
+            f"prompt ({enc['input_ids'].shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
+            f"exceeds the model's {max_pos} positions"
+        )
     with torch.no_grad():
         out = model.generate(**enc, generation_config=gen)
     print(prompt + _continuation(tok, enc["input_ids"][0].tolist(), out[0].tolist()))
@@ -60,5 +78,5 @@ def _continuation(tok, prompt_ids: list[int], out_ids: list[int]) -> str:
     full = tok.decode(out_ids, skip_special_tokens=True)
     head = tok.decode(prompt_ids, skip_special_tokens=True)
     if full.startswith(head):
-        return full[len(head):]
-    return tok.decode(out_ids[len(prompt_ids):], skip_special_tokens=True)
+        return full[len(head) :]
+    return tok.decode(out_ids[len(prompt_ids) :], skip_special_tokens=True)

@@ -10,6 +10,7 @@ it is refused in one line. Example::
     revllm lm-eval --model hf --model_args pretrained=runs/rev/checkpoints/step_00000200/model \\
         --tasks revllm_commonsense --include_path DIR --device cpu --limit 20
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,17 +22,25 @@ from .common import offline
 def add_parser(sub):
     # Only for `revllm --help`'s command list: revllm.cli passes everything after `lm-eval` straight to
     # run_cli, so lm-eval's own flags (and its --help) never meet revllm's parser.
-    sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with revllm models registered "
-                   "(`revllm lm-eval --help` shows lm-eval's flags)")
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-eval's own command line with revllm models registered (`revllm lm-eval --help` shows lm-eval's flags)",
+    )
 
 
 def _refuse_remote_code(args: list[str]) -> None:
     for i, a in enumerate(args):
         value = args[i + 1] if a == "--model_args" and i + 1 < len(args) else a
-        if a == "--trust_remote_code" or (a.startswith("--model_args") and "trust_remote_code" in value.lower()
-                                          and "trust_remote_code=false" not in value.lower()):
-            raise RevLLMError("trust_remote_code is refused: revllm's classes are registered by this command "
-                              "(no remote code runs); drop it")
+        if a == "--trust_remote_code" or (
+            a.startswith("--model_args")
+            and "trust_remote_code" in value.lower()
+            and "trust_remote_code=false" not in value.lower()
+        ):
+            raise RevLLMError(
+                "trust_remote_code is refused: revllm's classes are registered by this command "
+                "(no remote code runs); drop it"
+            )
 
 
 def run_cli(args: list[str]) -> int:

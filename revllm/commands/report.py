@@ -1,4 +1,5 @@
 """``revllm report``: Markdown + PNG comparison of one or more training runs."""
+
 from __future__ import annotations
 
 from ..train.report import write_report

@@ -1,4 +1,5 @@
 """``revllm train``: train a RevLLMForCausalLM from scratch, from a model dir, or resume a run."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,24 +47,33 @@ FLAGS = {
     "max_time": (float, "stop (with a checkpoint) after this many seconds"),
     "stop_after": (int, "stop (with a checkpoint) after this step; the lr schedule still plans --max-steps"),
 }
-BOOLS = {"memory_free": "reversible backward (default on for reversible dynamics)",
-         "activation_checkpointing": "per-layer activation checkpointing of the stored path (baseline)",
-         "progress": "progress bar"}
+BOOLS = {
+    "memory_free": "reversible backward (default on for reversible dynamics)",
+    "activation_checkpointing": "per-layer activation checkpointing of the stored path (baseline)",
+    "progress": "progress bar",
+}
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a reversible LM (or its standard-residual baseline)",
-                       description="Train from scratch, from --init-from, or --resume RUN. Flags override --config YAML "
-                                   "(keys = flag names).", argument_default=None)
+    p = sub.add_parser(
+        "train",
+        help="train a reversible LM (or its standard-residual baseline)",
+        description="Train from scratch, from --init-from, or --resume RUN. Flags override --config YAML "
+        "(keys = flag names).",
+        argument_default=None,
+    )
     p.add_argument("--data", help="token directory from `revllm data`")
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML file of flag values")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest good checkpoint in --out")
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="continue from the latest good checkpoint in --out"
+    )
     defaults = TrainConfig()
     for name, (typ, hlp) in FLAGS.items():
         d = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ,
-                       help=hlp if d is None else f"{hlp} (default {d})")
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=typ, help=hlp if d is None else f"{hlp} (default {d})"
+        )
     for name, hlp in BOOLS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=hlp)
     p.set_defaults(func=run)
@@ -79,6 +89,8 @@ def run(args):
     s = train(cfg, explicit=explicit)
     if s["rank"] != 0:  # under torchrun / accelerate launch the summary line is rank 0's alone
         return 0
-    print(f"{s['run']}: {s['steps']} steps, val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.1f}), "
-          f"{s['tokens_per_s']:,.0f} tok/s, activations {s['activation_mb']:.1f} MB, peak {s['peak_mb']:.0f} MB"
-          + (f"; stopped early: {s['stopped_early']}" if s["stopped_early"] else ""))
+    print(
+        f"{s['run']}: {s['steps']} steps, val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.1f}), "
+        f"{s['tokens_per_s']:,.0f} tok/s, activations {s['activation_mb']:.1f} MB, peak {s['peak_mb']:.0f} MB"
+        + (f"; stopped early: {s['stopped_early']}" if s["stopped_early"] else "")
+    )

@@ -1,4 +1,5 @@
 """Conversion of pretrained HF LLMs into reversible ones, and distillation fine-tuning."""
+
 from ..io import load_source, load_source_tokenizer
 from .from_hf import SUPPORTED, convert, save_converted
 

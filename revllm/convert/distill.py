@@ -14,6 +14,7 @@ are evaluated a chunk of tokens at a time under activation checkpointing, as the
 cross-entropy does (teacher logits for 4 x 1024 tokens of a 49k vocabulary would be 800 MB).
 Shape legend: B batch, T tokens, D width, V vocab.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,14 +69,25 @@ def _chunk_terms(h, weight, bias, t_h, t_weight, t_bias, labels, temperature: fl
 class DistillLoss:
     """KL-to-teacher loss (plus optional CE and hidden-state terms); a ``loss_fn(model, batch)``."""
 
-    def __init__(self, teacher, temperature: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0,
-                 chunk_tokens: int = 1024):
+    def __init__(
+        self,
+        teacher,
+        temperature: float = 1.0,
+        ce_weight: float = 0.0,
+        hidden_weight: float = 0.0,
+        chunk_tokens: int = 1024,
+    ):
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} must be > 0")
         if ce_weight < 0 or hidden_weight < 0:
             raise ValueError(f"ce_weight={ce_weight!r} and hidden_weight={hidden_weight!r} must be >= 0")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.T, self.ce_weight, self.hidden_weight, self.chunk = float(temperature), ce_weight, hidden_weight, chunk_tokens
+        self.T, self.ce_weight, self.hidden_weight, self.chunk = (
+            float(temperature),
+            ce_weight,
+            hidden_weight,
+            chunk_tokens,
+        )
         self._checked = False
         self.metric_names = ("kl", "ce") + (("hidden_mse",) if hidden_weight else ())  # logged by the training loop
 
@@ -83,8 +95,10 @@ class DistillLoss:
         """Refuse a teacher whose vocabulary (or, with hidden matching, width) differs from the student's."""
         s, t = _unwrap(model).get_output_embeddings().weight, _unwrap(self.teacher).get_output_embeddings().weight
         if s.shape[0] != t.shape[0]:
-            raise RevLLMError(f"the teacher's vocabulary ({t.shape[0]} tokens) differs from the student's ({s.shape[0]}): "
-                              "distill from the model the student was converted from")
+            raise RevLLMError(
+                f"the teacher's vocabulary ({t.shape[0]} tokens) differs from the student's ({s.shape[0]}): "
+                "distill from the model the student was converted from"
+            )
         if self.hidden_weight and s.shape[1] != t.shape[1]:
             raise RevLLMError(f"hidden-state matching needs equal widths: teacher {t.shape[1]}, student {s.shape[1]}")
 
@@ -109,9 +123,19 @@ class DistillLoss:
         kl = h.new_zeros((), dtype=torch.float32)
         ce = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk):
-            args = (h[s : s + self.chunk], head.weight, head.bias, th[s : s + self.chunk], t_head.weight, t_head.bias,
-                    labels[s : s + self.chunk], self.T)
-            k_, c_ = checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_terms(*args)
+            args = (
+                h[s : s + self.chunk],
+                head.weight,
+                head.bias,
+                th[s : s + self.chunk],
+                t_head.weight,
+                t_head.bias,
+                labels[s : s + self.chunk],
+                self.T,
+            )
+            k_, c_ = (
+                checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_terms(*args)
+            )
             kl, ce = kl + k_, ce + c_
         kl = kl / (B * T) * self.T**2
         ce = ce / (B * (T - 1))

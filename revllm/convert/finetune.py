@@ -6,6 +6,7 @@ TensorBoard) with a ``DistillLoss`` as its ``loss_fn``; the validation loss it l
 distillation loss. LoRA adapters (peft) are merged back before the final model is written to
 ``RUN/model``.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def add_lora(model, r: int = 8, alpha: int | None = None, dropout: float = 0.0, 
     spec = family_of(model.config)
     if target_modules is None:
         target_modules = list(spec.lora_targets)
-    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=target_modules,
-                     fan_in_fan_out=spec.lora_fan_in_fan_out, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha or 2 * r,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        fan_in_fan_out=spec.lora_fan_in_fan_out,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -75,8 +82,18 @@ def _anneal_schedule(run: Path, anneal, resume: bool):
     return AnnealA(s["k_start"], s["k_end"], s["steps"]), step
 
 
-def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal=None, tokenizer=None,
-             resume: bool = False, **train_options) -> dict:
+def finetune(
+    model,
+    data,
+    out,
+    teacher=None,
+    loss_fn=None,
+    lora: int = 0,
+    anneal=None,
+    tokenizer=None,
+    resume: bool = False,
+    **train_options,
+) -> dict:
     """Distill (``teacher`` given) or SFT ``model`` on a token directory with the project's training loop.
 
     Args:
@@ -105,8 +122,12 @@ def finetune(model, data, out, teacher=None, loss_fn=None, lora: int = 0, anneal
         model = add_lora(model, r=lora)
     cfg = build_config(overrides={"data": str(data), "out": str(out), "resume": resume, **train_options})
     if anneal is not None:
-        loss_fn = AnnealedLoss(loss_fn or (lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})),
-                               anneal, cfg.grad_accum, start_step)
+        loss_fn = AnnealedLoss(
+            loss_fn or (lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {})),
+            anneal,
+            cfg.grad_accum,
+            start_step,
+        )
     # On --resume the checkpoint's config rules: the run-length/bookkeeping keys given here apply, and any
     # other key given must equal the checkpoint's (the loop refuses a change in one line).
     explicit = {k for k, v in train_options.items() if v is not None} | {"data"}

@@ -15,6 +15,7 @@ The pretrained weights were trained with the residual's unit step, so every rule
 (midpoint then reads p_{j+1} = p_{j-1} + 2 f_j(p_j), and with the fixed-point start its first layer is
 exactly the residual one), unlike RevLLMConfig's from-scratch midpoint default of 2h = 1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,6 @@ def _supported_list() -> str:
     return ", ".join(f"{cls} ({mt})" for mt, cls in SUPPORTED.items())
 
 
-
-
 def translate_config(c, **fields) -> RevLLMConfig:
     """RevLLMConfig for an HF config of a supported type; its family's source refuses what the blocks lack."""
     source = HF_SOURCES.get(c.model_type)
@@ -59,7 +58,9 @@ def translate_config(c, **fields) -> RevLLMConfig:
 
 def dynamics_fields(dynamics: str, k: int, step_size, initial_state: str, **options) -> dict:
     """RevLLMConfig fields of one conversion recipe."""
-    fields = dict(dynamics=dynamics, step_size=1.0 if step_size is None else float(step_size), initial_state=initial_state)
+    fields = dict(
+        dynamics=dynamics, step_size=1.0 if step_size is None else float(step_size), initial_state=initial_state
+    )
     if dynamics == "midpoint_a":
         if not isinstance(k, int) or not 0 <= k <= MAX_DYADIC_BITS:
             raise ValueError(f"k={k!r} must be an integer in [0, {MAX_DYADIC_BITS}] (a = 2^-k)")
@@ -78,8 +79,15 @@ def _hf_state_dict(src) -> dict:
 
 
 @torch.no_grad()
-def convert(model_or_path, dynamics: str = "midpoint_a", k: int = 4, step_size: float | None = None,
-            initial_state: str = "fixed_point", dtype=torch.float32, **options) -> RevLLMForCausalLM:
+def convert(
+    model_or_path,
+    dynamics: str = "midpoint_a",
+    k: int = 4,
+    step_size: float | None = None,
+    initial_state: str = "fixed_point",
+    dtype=torch.float32,
+    **options,
+) -> RevLLMForCausalLM:
     """Build a reversible model from a pretrained HF causal LM, copying every weight.
 
     Args:
@@ -121,4 +129,3 @@ def save_converted(model: RevLLMForCausalLM, out, tokenizer=None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise RevLLMError(f"output directory {out} exists and is not empty")
     return save_model_atomic(model, out, tokenizer)
-

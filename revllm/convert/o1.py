@@ -18,6 +18,7 @@ Pieces:
     continues it from the checkpoint's step, so a killed run resumes exactly whatever its stage.
 Shape legend: B batch, T tokens, D width, L layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ class LayerStates:
                 self.outputs[j] = (out[0] if isinstance(out, tuple) else out).detach()
                 if self.want_inputs:
                     self.inputs[j] = (args[0] if args else kwargs["hidden_states"]).detach()
+
             return fn
 
         self.handles = [layer.register_forward_hook(hook(j), with_kwargs=True) for j, layer in enumerate(self.layers)]
@@ -123,12 +125,25 @@ class O1DistillLoss(DistillLoss):
     The per-layer term is averaged over layers and weighted by w(step), linear from ``layer_weight`` at
     step 0 to ``layer_weight_end`` at ``steps``; ``start_step`` continues a resumed run's schedule."""
 
-    def __init__(self, teacher, layer_weight: float = 1.0, layer_weight_end: float = 0.0, steps: int = 1,
-                 start_step: int = 0, grad_accum: int = 1, **kw):
+    def __init__(
+        self,
+        teacher,
+        layer_weight: float = 1.0,
+        layer_weight_end: float = 0.0,
+        steps: int = 1,
+        start_step: int = 0,
+        grad_accum: int = 1,
+        **kw,
+    ):
         super().__init__(teacher, **kw)
         if layer_weight < 0 or layer_weight_end < 0:
             raise ValueError(f"layer weights must be >= 0, got {layer_weight}, {layer_weight_end}")
-        self.w0, self.w1, self.steps, self.grad_accum = float(layer_weight), float(layer_weight_end), max(int(steps), 1), grad_accum
+        self.w0, self.w1, self.steps, self.grad_accum = (
+            float(layer_weight),
+            float(layer_weight_end),
+            max(int(steps), 1),
+            grad_accum,
+        )
         self.calls = start_step * grad_accum
         self.metric_names = (*self.metric_names, "layer_err", "layer_weight")
 
@@ -179,8 +194,10 @@ def check_tokens_match(data, tokenizer, source: str) -> None:
     meta = read_meta(Path(data))["tokenizer"]
     ours = tokenizer_identity(tokenizer, source)
     if meta.get("sha256") and meta["sha256"] != ours["sha256"]:
-        raise RevLLMError(f"{data} was tokenized with {meta.get('name')!r}, not with the source's tokenizer "
-                          f"{ours['name'] or source!r}: run `revllm data` with the source's tokenizer")
+        raise RevLLMError(
+            f"{data} was tokenized with {meta.get('name')!r}, not with the source's tokenizer "
+            f"{ours['name'] or source!r}: run `revllm data` with the source's tokenizer"
+        )
 
 
 def calibration_batches(data, seq_len: int, rows: int = 4, batches: int = 2) -> list[torch.Tensor]:
@@ -205,14 +222,27 @@ def prepare(teacher, tokenizer, args, run: Path):
         args.dynamics = recipe["dynamics"]  # the run's own rule (the student comes from its checkpoint)
     else:
         spec = parse_hard_layers(args.hard_layers, n)
-        recipe = {"dynamics": args.dynamics, "hard_layers": spec, "layer_weight": args.layer_weight,
-                  "layer_weight_end": args.layer_weight_end, "steps": args.steps}
+        recipe = {
+            "dynamics": args.dynamics,
+            "hard_layers": spec,
+            "layer_weight": args.layer_weight,
+            "layer_weight_end": args.layer_weight_end,
+            "steps": args.steps,
+        }
         if spec == "auto":
             scores = calibrate(teacher, calibration_batches(args.distill, args.seq_len))
             recipe["hard_layers"], recipe["calibration"] = auto_hard_layers(scores), [round(v, 3) for v in scores]
         start = 0
         if not list_checkpoints(run):  # else the loop refuses the run: keep that run's own recipe file
             recipe_state(run, recipe, resume=False)
-    loss = O1DistillLoss(teacher, recipe["layer_weight"], recipe["layer_weight_end"], recipe["steps"], start,
-                         temperature=args.temperature, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight)
+    loss = O1DistillLoss(
+        teacher,
+        recipe["layer_weight"],
+        recipe["layer_weight_end"],
+        recipe["steps"],
+        start,
+        temperature=args.temperature,
+        ce_weight=args.ce_weight,
+        hidden_weight=args.hidden_weight,
+    )
     return recipe["hard_layers"], loss, recipe

@@ -18,6 +18,7 @@ atomically; the tokenizer itself is copied to ``DIR/tokenizer/`` so the token di
 The .bin files are written under temporary names and renamed at the end: a failed run never damages
 an existing token dir.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,13 +59,24 @@ def _expand(inputs) -> list[tuple[str, Path]]:
         if not p.exists():
             raise FileNotFoundError(f"input {p} does not exist")
         if p.is_dir():
-            if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            if (
+                (p / "dataset_info.json").is_file()
+                or (p / "dataset_dict.json").is_file()
+                or (p / "state.json").is_file()
+            ):
                 out.append(("hf", p))
                 continue
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
-                           and (f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES or f.name.endswith(".rst.txt")))
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and not any(s.startswith(".") for s in f.relative_to(p).parts)
+                and (f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES or f.name.endswith(".rst.txt"))
+            )
             if not files:
-                raise RevLLMError(f"folder {p} holds no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))}, .jsonl)")
+                raise RevLLMError(
+                    f"folder {p} holds no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))}, .jsonl)"
+                )
             out.extend(("jsonl" if f.suffix.lower() in JSONL_SUFFIXES else "text", f) for f in files)
         else:
             out.append(("jsonl" if p.suffix.lower() in JSONL_SUFFIXES else "text", p))
@@ -108,7 +120,9 @@ def _documents(kind: str, path: Path, text_key: str):
         splits = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
         for split in splits:
             if text_key not in split.column_names:
-                raise RevLLMError(f"dataset {path} has no column {text_key!r} (columns: {', '.join(split.column_names)}); set --text-key")
+                raise RevLLMError(
+                    f"dataset {path} has no column {text_key!r} (columns: {', '.join(split.column_names)}); set --text-key"
+                )
             for batch in split.iter(batch_size=256):
                 for text in list(batch[text_key]):
                     yield [text or ""], True
@@ -124,7 +138,6 @@ def documents(inputs, text_key: str = "text"):
             if doc_end:
                 yield "".join(parts)
                 parts = []
-
 
 
 def held_out(i: int, fraction: float) -> bool:
@@ -144,8 +157,10 @@ def _check_counts(counts: dict, n_docs: int, sources, split: str, val_fraction: 
     if counts["train"] < 2 or sum(counts.values()) <= n_docs:
         raise RevLLMError(f"the inputs hold no text to tokenize ({', '.join(str(p) for _, p in sources)})")
     if split == "document" and counts["val"] == 0:
-        raise RevLLMError(f"a by-document split at val_fraction={val_fraction} needs at least "
-                          f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}")
+        raise RevLLMError(
+            f"a by-document split at val_fraction={val_fraction} needs at least "
+            f"{math.ceil(1 / val_fraction)} documents; the inputs hold {n_docs}"
+        )
 
 
 def _publish(out: Path, tmp: dict, tok, meta: dict) -> None:
@@ -161,8 +176,9 @@ def _publish(out: Path, tmp: dict, tok, meta: dict) -> None:
     atomic_write(out / "meta.json", json.dumps(meta, indent=1))
 
 
-def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True,
-                   split="block") -> dict:
+def prepare_tokens(
+    inputs, out, tokenizer="smollm2", val_fraction=0.005, text_key="text", progress=True, split="block"
+) -> dict:
     """Tokenize ``inputs`` into ``out``; returns the meta dict (also written to ``out/meta.json``).
     ``split``: ``block`` (a fraction of every 64k-token block) or ``document`` (whole documents held out)."""
     _check_options(val_fraction, split)
@@ -209,15 +225,25 @@ def prepare_tokens(inputs, out, tokenizer="smollm2", val_fraction=0.005, text_ke
                         flush()  # before n_docs moves on: a by-document split routes buf by it
                         n_docs += doc_end
                 except UnicodeDecodeError as e:  # past the head that _looks_binary sniffed
-                    raise RevLLMError(f"{path} is not UTF-8 text ({e.reason} at a byte {e.start} of a read chunk)") from None
+                    raise RevLLMError(
+                        f"{path} is not UTF-8 text ({e.reason} at a byte {e.start} of a read chunk)"
+                    ) from None
             flush(final=True)
         for f in files.values():
             f.close()
         _check_counts(counts, n_docs, sources, split, val_fraction)
-        meta = {"format": "revllm-tokens-1", "dtype": np.dtype(dtype).name, "tokenizer": ident,
-                "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
-                "val_fraction": val_fraction, "split": split, "requested": [str(p) for p in inputs],
-                "inputs": [str(p) for _, p in sources]}
+        meta = {
+            "format": "revllm-tokens-1",
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": ident,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "documents": n_docs,
+            "val_fraction": val_fraction,
+            "split": split,
+            "requested": [str(p) for p in inputs],
+            "inputs": [str(p) for _, p in sources],
+        }
         _publish(out, tmp, tok, meta)
         return meta
     finally:

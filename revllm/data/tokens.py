@@ -4,6 +4,7 @@ The sampler draws random windows of ``seq_len`` tokens with a numpy ``Generator`
 of every checkpoint, so a resumed run sees exactly the batches an uninterrupted one would.
 Validation uses fixed, evenly spaced windows of val.bin: every evaluation scores the same tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,15 +55,21 @@ class TokenData:
     def check(self, seq_len: int, vocab_size: int, tokenizer_sha: str | None = None):
         """One-line errors for every way the token files cannot feed this model."""
         if self.vocab_size > vocab_size:
-            raise RevLLMError(f"token files use a {self.vocab_size}-token vocabulary but the model has {vocab_size}: "
-                              "tokenize with the model's tokenizer")
+            raise RevLLMError(
+                f"token files use a {self.vocab_size}-token vocabulary but the model has {vocab_size}: "
+                "tokenize with the model's tokenizer"
+            )
         if tokenizer_sha and self.meta["tokenizer"].get("sha256") and tokenizer_sha != self.meta["tokenizer"]["sha256"]:
-            raise RevLLMError(f"token files in {self.dir} were made with a different tokenizer than the model's "
-                              f"({self.meta['tokenizer']['name']}); re-run `revllm data` with the model's tokenizer")
+            raise RevLLMError(
+                f"token files in {self.dir} were made with a different tokenizer than the model's "
+                f"({self.meta['tokenizer']['name']}); re-run `revllm data` with the model's tokenizer"
+            )
         for split, arr in (("train", self.train), ("val", self.val)):
             if len(arr) < seq_len + 1:
-                raise RevLLMError(f"{split}.bin has {len(arr)} tokens, fewer than one window of seq_len={seq_len}"
-                                  + (" (lower --seq-len or raise --val-fraction)" if split == "val" else ""))
+                raise RevLLMError(
+                    f"{split}.bin has {len(arr)} tokens, fewer than one window of seq_len={seq_len}"
+                    + (" (lower --seq-len or raise --val-fraction)" if split == "val" else "")
+                )
 
 
 class WindowSampler:
@@ -74,7 +81,7 @@ class WindowSampler:
 
     def next(self) -> torch.Tensor:
         starts = self.rng.integers(0, len(self.tokens) - self.seq_len + 1, size=self.batch_size)
-        return torch.from_numpy(np.stack([self.tokens[s:s + self.seq_len] for s in starts]).astype(np.int64))
+        return torch.from_numpy(np.stack([self.tokens[s : s + self.seq_len] for s in starts]).astype(np.int64))
 
     def state(self) -> dict:
         return self.rng.bit_generator.state
@@ -88,4 +95,4 @@ def val_batches(tokens: np.ndarray, batch_size: int, seq_len: int, iters: int):
     n = max(1, min(iters * batch_size, len(tokens) // seq_len))
     starts = np.linspace(0, len(tokens) - seq_len, n).astype(np.int64)
     for i in range(0, n, batch_size):
-        yield torch.from_numpy(np.stack([tokens[s:s + seq_len] for s in starts[i:i + batch_size]]).astype(np.int64))
+        yield torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts[i : i + batch_size]]).astype(np.int64))

@@ -1,6 +1,7 @@
 """Residual-update rules: one class per rule, registered by name in ``DYNAMICS``."""
-from .base import DYNAMICS, Dynamics, register
+
 from . import euler, hamiltonian, leapfrog, midpoint  # noqa: F401  (registration)
+from .base import DYNAMICS, Dynamics, register
 
 
 def build_dynamics(config) -> Dynamics:

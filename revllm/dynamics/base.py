@@ -19,6 +19,7 @@ memory-free backward never calls ``step``, it back-propagates with the coefficie
 (g_x = A g_z, g_y += B g_z + C J^T g_z), so a rule whose ``step`` computed anything else would train
 with silently wrong gradients. ``__init_subclass__`` refuses such a subclass when it is defined.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,10 @@ from torch import nn
 
 from . import fixedpoint as fxp
 
-DYNAMICS: dict[str, type["Dynamics"]] = {}
+DYNAMICS: dict[str, type[Dynamics]] = {}
 
 
-def register(cls: type["Dynamics"]) -> type["Dynamics"]:
+def register(cls: type[Dynamics]) -> type[Dynamics]:
     """Class decorator: make a rule available under ``cls.name``."""
     DYNAMICS[cls.name] = cls
     return cls

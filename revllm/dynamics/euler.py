@@ -3,6 +3,7 @@
 Not reversible (A = 0): recovering p_j would need f_j(p_j). It is the baseline and the target of
 conversion; it always trains with stored activations.
 """
+
 from .base import Dynamics, register
 
 

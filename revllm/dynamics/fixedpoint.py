@@ -9,6 +9,7 @@ and subtracts it, so reconstruction is bit-identical at any depth.
 Dyadic coefficients a = m / 2^k keep midpoint_a exact too: floor(m x / 2^k) drops k low bits, which the
 forward stores (``pack_bits``, k bits per element) and the backward puts back before dividing by m.
 """
+
 from __future__ import annotations
 
 import math

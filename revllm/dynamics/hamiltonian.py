@@ -8,6 +8,7 @@ becomes (p_{j-1}, q_j) with the block's attention part, then (q_j, p_j) with its
 default h = 1 this is exactly the paper's rule. The initial pair is (q_0, p_0); the newest stream p_L
 feeds the final norm.
 """
+
 from .base import Dynamics, register
 
 

@@ -2,6 +2,7 @@
 
 Stable for real negative Jacobian eigenvalues, -4 <= h^2 lambda <= 0 (paper section 3).
 """
+
 from .base import Dynamics, register
 
 

@@ -10,6 +10,7 @@ or a per-layer list. Reconstruction divides by a_j, so float error grows by 1/|a
 config enforces |a_j| >= ``midpoint_a_floor`` unless reversal is exact. Exact reversal needs dyadic
 a_j = m_j / 2^k_j; ``config.midpoint_a_dyadic_bits = k`` rounds the random draw to that grid.
 """
+
 import torch
 
 from .base import Dynamics, register

@@ -1,4 +1,5 @@
 """Memory-free backpropagation through a reversible stack."""
+
 from .drift import DriftMonitor
 from .function import ReversibleStackFunction, Stack, run_stack
 

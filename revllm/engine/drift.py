@@ -9,6 +9,7 @@ Two checks, written by the engine during each memory-free backward:
     stored states for the rest of that step, so the step's gradient is the stored-activation one.
 In exact mode (fixed-point streams) both are exactly 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,7 @@ class DriftMonitor:
     fallbacks: int = 0  # backward passes that switched to the stored states
 
     @classmethod
-    def attach(cls, owner, config) -> "DriftMonitor":
+    def attach(cls, owner, config) -> DriftMonitor:
         """The monitor kept on ``owner`` (the model) as ``drift_monitor``, synced with ``config``."""
         mon = owner.__dict__.get("drift_monitor")
         if mon is None:

@@ -37,6 +37,7 @@ Stored layers (``dynamics.stored_layers``): a layer whose rule is the plain resi
 be reconstructed; its older input stream is kept (one stream per stored substep, counted by
 ``save_for_backward``), so memory is O(1) in depth plus that constant.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -95,8 +96,7 @@ class Stack:
         return j in self.dynamics.stored_layers
 
 
-def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None, layer: int | None = None,
-         after=None):
+def walk(stack: Stack, streams, x, y, evaluate=None, states: list | None = None, layer: int | None = None, after=None):
     """The layer loop, the one stepping routine of every evaluation path. For each (layer j, part):
 
         fy = evaluate(i, j, block, part, decode(Y));   (X, Y) <- (Y, step(j, X, Y, fy))
@@ -141,8 +141,10 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
         raise ValueError("run_stack: pass x=None exactly when stack.initial_h builds the initial state")
     if stack.layer_kwargs is not None and (memory_free or stack.checkpoint is not None):
         # A recomputing backward would evaluate each layer twice, e.g. extend a KV cache twice.
-        raise ValueError("run_stack: per-layer kwargs are for paths that evaluate each layer once "
-                         "(not memory_free, not checkpointed)")
+        raise ValueError(
+            "run_stack: per-layer kwargs are for paths that evaluate each layer once "
+            "(not memory_free, not checkpointed)"
+        )
     if not memory_free and stack.checkpoint is not None:
         return _checkpointed(x, y, stack)
     if stack.layer_loss is not None and stack.checkpoint is not None:
@@ -158,8 +160,10 @@ def run_stack(x: torch.Tensor, y: torch.Tensor, stack: Stack, memory_free: bool)
         return (x, y) if stack.layer_loss is None else (x, y, _sum(terms, y))
     # Function outputs require grad only if an input does: anchor the parameters' gradients when
     # the streams themselves need none (e.g. frozen embeddings under LoRA).
-    needs_anchor = not ((x is not None and x.requires_grad) or y.requires_grad) and torch.is_grad_enabled() and any(
-        p.requires_grad for b in stack.blocks for p in b.parameters()
+    needs_anchor = (
+        not ((x is not None and x.requires_grad) or y.requires_grad)
+        and torch.is_grad_enabled()
+        and any(p.requires_grad for b in stack.blocks for p in b.parameters())
     )
     anchor = torch.empty(0, requires_grad=True) if needs_anchor else None
     store = not memory_free and torch.is_grad_enabled()
@@ -172,8 +176,10 @@ def _checkpointed(x, y, stack: Stack):
     per layer. It runs float streams: autograd cannot carry gradients through int64 fixed point, so
     in exact mode this is the float trajectory (rounding-level different from the exact one)."""
     if stack.exact_bits is not None:
-        warnings.warn("activation checkpointing runs float streams; exact_reversal's fixed-point "
-                      "trajectory is kept by memory_free=True or by the stored path without checkpointing")
+        warnings.warn(
+            "activation checkpointing runs float streams; exact_reversal's fixed-point "
+            "trajectory is kept by memory_free=True or by the stored path without checkpointing"
+        )
     streams = make_streams(stack.dynamics, None)
 
     def layer(j, block, x, y):  # ``block`` is passed so that the checkpoint sees the layer it recomputes
@@ -248,9 +254,11 @@ class ReversibleStackFunction(torch.autograd.Function):
         # The stored reference and the per-layer drift check drop their per-layer state as the backward
         # walks down (that is what keeps the peak flat), so a second backward cannot be served.
         if any(k is None for k in ctx.kept) or any(s is None for s in ctx.states):
-            raise RuntimeError("reversible stack: backward through the same forward a second time is not "
-                               "supported in stored or per-layer-drift mode (its per-layer state was freed by "
-                               "the first backward, even with retain_graph=True); run the forward again")
+            raise RuntimeError(
+                "reversible stack: backward through the same forward a second time is not "
+                "supported in stored or per-layer-drift mode (its per-layer state was freed by "
+                "the first backward, even with retain_graph=True); run the forward again"
+            )
         Y, Z, *rest = ctx.saved_tensors  # held pair (older, newest) [, the stack's inputs] [, stored inputs]
         inputs, kept_x = rest[: ctx.n_inputs], dict(zip(ctx.kept_x_at, rest[ctx.n_inputs :]))
         mon = ctx.mon
@@ -310,8 +318,14 @@ class ReversibleStackFunction(torch.autograd.Function):
         if mon is not None:
             _report(mon, streams, (Y, Z), inputs, rels, fell_back)
         # g_y, g_z are now the gradients of the input pair (x_0, y_0).
-        return (g_y if ctx.needs_input_grad[0] else None,
-                g_z if ctx.needs_input_grad[1] else None, None, None, None, None)
+        return (
+            g_y if ctx.needs_input_grad[0] else None,
+            g_z if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _sum(terms, like):

@@ -3,6 +3,7 @@
 The forward records the generator states before each block evaluation; the backward restores them
 inside ``torch.random.fork_rng`` so the caller's global RNG stream is left untouched.
 """
+
 from __future__ import annotations
 
 import contextlib

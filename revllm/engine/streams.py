@@ -7,6 +7,7 @@ Both expose the same four operations, so the engine's loop is written once:
   inverse(j, Y, Z, fy, side) -> X.
 Blocks always see decode(Y) in the input's float dtype (fp32 streams under autocast).
 """
+
 from __future__ import annotations
 
 import torch

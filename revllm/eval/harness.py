@@ -7,6 +7,7 @@ dataset's own fields) on which lm-eval's own task configs run unchanged (prompts
 YAML names its JSONL by a ``{{DATA_DIR}}`` placeholder, rendered into a temporary include folder here,
 because lm-eval resolves ``data_files`` relative to the working directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def _render_builtin(dst: Path) -> None:
 
 
 # lm-eval's own configs of the standard zero-shot tasks (relative to lm_eval/tasks).
-STANDARD_TASKS = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-                  "hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml"}
+STANDARD_TASKS = {
+    "piqa": "piqa/piqa.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
 
 
 def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
@@ -51,16 +57,34 @@ def _render_local_standard(dst: Path, tasks: list[str], data_dir) -> None:
     for t in chosen:
         f = data_dir / f"{t}.jsonl"
         if not f.is_file():
-            raise RevLLMError(f"{data_dir} has no {t}.jsonl (the task's validation split, one document per line, "
-                              "in the dataset's own fields)")
-        cfg = {"include": str(root / STANDARD_TASKS[t]), "task": t, "dataset_path": "json", "dataset_name": None,
-               "dataset_kwargs": {"data_files": {"validation": str(f.resolve())}},
-               "training_split": None, "validation_split": "validation", "test_split": None}
+            raise RevLLMError(
+                f"{data_dir} has no {t}.jsonl (the task's validation split, one document per line, "
+                "in the dataset's own fields)"
+            )
+        cfg = {
+            "include": str(root / STANDARD_TASKS[t]),
+            "task": t,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"validation": str(f.resolve())}},
+            "training_split": None,
+            "validation_split": "validation",
+            "test_split": None,
+        }
         (dst / f"{t}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size: int = 4, limit=None,
-              device: str | None = None, max_length: int | None = None, task_data=None) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path=None,
+    batch_size: int = 4,
+    limit=None,
+    device: str | None = None,
+    max_length: int | None = None,
+    task_data=None,
+) -> dict:
     """Run lm-eval ``tasks`` on an in-memory model; returns lm-eval's ``results`` dict (per task metrics).
     ``task_data``: a folder of ``{task}.jsonl`` for the standard tasks (see the module docstring).
     The model is in memory (nothing is fetched for it); whether datasets may reach a hub is the caller's
@@ -87,15 +111,18 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
             tm = TaskManager(include_path=paths)
         unknown = [t for t in tasks if not tm.match_tasks([t])]
         if unknown:
-            raise RevLLMError(f"unknown task(s) {', '.join(unknown)}; built-in: {', '.join(builtin_tasks())}; "
-                              "standard lm-eval tasks need their local data (--task-data or --include-path)")
+            raise RevLLMError(
+                f"unknown task(s) {', '.join(unknown)}; built-in: {', '.join(builtin_tasks())}; "
+                "standard lm-eval tasks need their local data (--task-data or --include-path)"
+            )
         device = device or str(next(model.parameters()).device)
         kw = {"max_length": max_length} if max_length else {}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **kw)
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
-                                          log_samples=False)
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=False)
         except (ConnectionError, OSError) as e:
-            raise RevLLMError(f"a task's data is not available offline ({str(e).splitlines()[0][:200]}); "
-                              "put local YAML/JSONL tasks in a folder and pass --include-path") from None
+            raise RevLLMError(
+                f"a task's data is not available offline ({str(e).splitlines()[0][:200]}); "
+                "put local YAML/JSONL tasks in a folder and pass --include-path"
+            ) from None
     return out["results"]

@@ -5,6 +5,7 @@ the model's tokenizer, or any 1-D id tensor. Windows are consecutive and non-ove
 partial one included), so every token after a window's first is scored exactly once.
 Shape legend: B batch, T tokens, V vocab.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,14 @@ def _batches(wins, batch_size):
 
 
 @torch.no_grad()
-def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
-                        max_tokens: int | None = None, progress: bool = False) -> dict:
+def evaluate_perplexity(
+    model,
+    ids: torch.Tensor,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Mean next-token cross-entropy and perplexity of ``model`` over ``ids``."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -88,8 +95,9 @@ def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size
 
 
 @torch.no_grad()
-def kl_divergence(reference, model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
-                  max_tokens: int | None = None) -> float:
+def kl_divergence(
+    reference, model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, max_tokens: int | None = None
+) -> float:
     """Mean over positions of KL(reference || model) between next-token distributions, in nats."""
     device = next(model.parameters()).device
     modes = [(m, m.training) for m in (reference, model)]

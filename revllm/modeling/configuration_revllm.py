@@ -27,6 +27,7 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
 * ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: full logits are held only when all
   tokens fit in one chunk (then they are computed directly, as HF does; see ``modeling/loss.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -189,7 +190,9 @@ class RevLLMConfig(PretrainedConfig):
         if t is not None and not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"drift_threshold={t!r} must be None or a finite number > 0")
         if self.drift_fallback and not self.drift_monitor:
-            raise ValueError("drift_fallback=True needs drift_monitor=True: it falls back to the states the monitor stores")
+            raise ValueError(
+                "drift_fallback=True needs drift_monitor=True: it falls back to the states the monitor stores"
+            )
         if self.drift_fallback and t is None:
             raise ValueError("drift_fallback=True needs a drift_threshold to decide when to fall back")
 

@@ -11,6 +11,7 @@ hold anyway, and checkpointing that single chunk would not lower the peak (the b
 same logits) but would cost the second LM-head forward. So they are computed directly, exactly as HF
 does. ``chunk_tokens`` is thus the memory the user allows for logits: chunk_tokens * V elements.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ Every path is one call to the engine's ``run_stack``, which owns the layer loop:
 slot; it takes the stored path, since reversibility is only needed for the backward).
 Shape legend: B batch, T tokens, D width, V vocab.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,7 +32,6 @@ from ..dynamics.midpoint import MidpointA, draw_midpoint_a
 from ..engine import DriftMonitor, Stack, run_stack
 from .configuration_revllm import RevLLMConfig
 from .loss import chunked_causal_lm_loss
-
 
 # One regex for all families' tied embeddings: only the family's own one exists in a given model.
 _EMBEDDINGS = "|".join(sorted({spec.embedding for spec in FAMILIES.values()}))
@@ -115,8 +115,13 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         under dropout (the two evaluations draw different masks), or with per-layer checkpointing (the
         checkpointed layer would have to return x_0 as well)."""
         a0 = self.dynamics.layer_coefficients(0)[0]
-        return (self.config.initial_state == "fixed_point" and self.dynamics.parts == ("full",)
-                and not checkpointed and not preserve_rng and (torch.is_tensor(a0) or a0 != 0))
+        return (
+            self.config.initial_state == "fixed_point"
+            and self.dynamics.parts == ("full",)
+            and not checkpointed
+            and not preserve_rng
+            and (torch.is_tensor(a0) or a0 != 0)
+        )
 
     def forward(
         self,
@@ -147,8 +152,10 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache(config=self.config)
         if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
             # A static cache pads keys to its full length, which the blocks' masks do not cover.
-            raise ValueError(f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
-                             f"got {type(past_key_values).__name__}")
+            raise ValueError(
+                f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
+                f"got {type(past_key_values).__name__}"
+            )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
@@ -161,8 +168,15 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         caching = past_key_values is not None
         preserve_rng = self.training and self.config.dropout > 0
         exact_bits = self.config.exact_fraction_bits if self.config.exact_reversal else None
-        stack = Stack(self.model.layers, self.dynamics, block_kwargs, preserve_rng, exact_bits,
-                      DriftMonitor.attach(self, self.config), layer_loss=layer_loss)
+        stack = Stack(
+            self.model.layers,
+            self.dynamics,
+            block_kwargs,
+            preserve_rng,
+            exact_bits,
+            DriftMonitor.attach(self, self.config),
+            layer_loss=layer_loss,
+        )
         if caching:  # layer j's attention reads and extends cache slot j
             stack.layer_kwargs = _CacheView(past_key_values).slot
         # The reversible backward only pays off when a backward will run; the cache would be extended
@@ -192,8 +206,12 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
         if labels is None or not torch.is_grad_enabled():
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden[:, keep])
-        return RevLLMOutput(loss=loss, logits=logits, layer_loss=layer_total[0] if layer_loss is not None else None,
-                            **{_CACHE_FIELD: past_key_values if use_cache else None})
+        return RevLLMOutput(
+            loss=loss,
+            logits=logits,
+            layer_loss=layer_total[0] if layer_loss is not None else None,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
+        )
 
 
 @dataclass
@@ -223,7 +241,7 @@ class _CacheView:
     def __init__(self, cache, idx: int | None = None):
         self.cache, self.idx = cache, idx
 
-    def at(self, idx: int) -> "_CacheView":
+    def at(self, idx: int) -> _CacheView:
         return _CacheView(self.cache, idx)
 
     def slot(self, idx: int) -> dict:

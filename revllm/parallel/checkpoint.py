@@ -23,6 +23,7 @@ Safety, by the project's rules:
   containers; anything else (``os.system``, arbitrary classes) raises. Non-tensor values (optimizer hyper-parameters) are loaded with
   ``torch.load(weights_only=True)`` instead of DCP's default ``weights_only=False``.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,14 @@ STATE_FILE = "trainer_state.json"
 # -- safe reading -------------------------------------------------------------------------------
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+        "StorageMeta",
+        "MetadataIndex",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch": {"Size"},
@@ -198,7 +205,9 @@ def load_sharded(path, model, optimizer=None) -> dict:
         cause = next(iter(e.failures.values()))[0] if isinstance(e, DCPException) and e.failures else e
         raise CheckpointError(f"cannot load sharded checkpoint {path}: {str(cause).splitlines()[0]}") from e
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=_OPTS)
+        set_state_dict(
+            model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"], options=_OPTS
+        )
     else:
         set_model_state_dict(model, to_load["model"], options=_OPTS)
     return json.loads((path / STATE_FILE).read_text())["state"]

@@ -6,6 +6,7 @@ FSDP2 these are gathered with ``torch.distributed.checkpoint.state_dict`` (``ful
 collective, offloaded to CPU) and converted between its FQN keys and the index keys; loading shards them
 again. The sharded (DCP) format is ``revllm.parallel.save_sharded`` for runs too big to gather.
 """
+
 from __future__ import annotations
 
 import torch

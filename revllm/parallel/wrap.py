@@ -24,6 +24,7 @@ How the reversible engine meets each engine (see revllm/engine/function.py):
   layer's state so each call inside the backward is a fresh forward with its own reduce-scatter; the
   sharded gradients then accumulate, each parameter reduced exactly once.
 """
+
 from __future__ import annotations
 
 import contextlib

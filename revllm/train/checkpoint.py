@@ -14,6 +14,7 @@ carries the writer's host and pid, so ``remove_stale_temps`` (run at the start o
 only what dead writers left. Nothing is ever unpickled; weights that are not finite are never saved
 and never loaded (``revllm.io.nonfinite``). Reading models back (``load_model``) is ``revllm.io``'s.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,9 @@ def _optimizer_from_flat(tensors: dict, groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, rng: dict,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(
+    run: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, rng: dict, keep_last: int = 0
+) -> Path:
     """Write ``RUN/checkpoints/step_<step>`` atomically; keep the newest ``keep_last`` (0 = all)."""
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,5 @@ def load_trainer_state(ckpt: Path) -> tuple[dict, dict, dict]:
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     tensors = load_file(str(ckpt / "trainer_state.safetensors"))
     opt = _optimizer_from_flat(tensors, meta.pop("param_groups"))
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta, opt, rng
-
-

@@ -3,6 +3,7 @@
 YAML keys are the flag names (``seq_len`` or ``seq-len``). The resolved config is stored in every
 checkpoint's trainer_state.json and in RUN/config.yaml.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,21 @@ from ..errors import RevLLMError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Keys a --resume may change; everything else comes from the checkpoint (it defines the run).
-RESUME_MUTABLE = {"parallel", "max_steps", "eval_interval", "eval_iters", "checkpoint_interval", "keep_last",
-                  "log_interval", "resume", "out", "data", "progress", "max_time", "stop_after"}
+RESUME_MUTABLE = {
+    "parallel",
+    "max_steps",
+    "eval_interval",
+    "eval_iters",
+    "checkpoint_interval",
+    "keep_last",
+    "log_interval",
+    "resume",
+    "out",
+    "data",
+    "progress",
+    "max_time",
+    "stop_after",
+}
 
 
 @dataclass
@@ -75,8 +89,20 @@ class TrainConfig:
             raise RevLLMError(f"parallel={self.parallel!r} is unknown; allowed: ddp, fsdp2")
         if self.precision not in PRECISIONS:
             raise RevLLMError(f"precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
-        positive = ("layers", "hidden", "heads", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
-                    "eval_iters", "checkpoint_interval", "log_interval", "loss_chunk_size")
+        positive = (
+            "layers",
+            "hidden",
+            "heads",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_iters",
+            "checkpoint_interval",
+            "log_interval",
+            "loss_chunk_size",
+        )
         for k in positive:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -105,12 +131,24 @@ class TrainConfig:
         return self
 
     def model_kwargs(self, vocab_size: int, separator_id: int | None = None) -> dict:
-        return dict(block=self.block, dynamics=self.dynamics, step_size=self.step_size,
-                    initial_state=self.initial_state, num_hidden_layers=self.layers, hidden_size=self.hidden,
-                    num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                    intermediate_size=self.intermediate, max_position_embeddings=self.max_positions or self.seq_len,
-                    dropout=self.dropout, memory_free=self.memory_free, loss_chunk_size=self.loss_chunk_size,
-                    vocab_size=vocab_size, eos_token_id=separator_id, bos_token_id=separator_id)
+        return dict(
+            block=self.block,
+            dynamics=self.dynamics,
+            step_size=self.step_size,
+            initial_state=self.initial_state,
+            num_hidden_layers=self.layers,
+            hidden_size=self.hidden,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=self.max_positions or self.seq_len,
+            dropout=self.dropout,
+            memory_free=self.memory_free,
+            loss_chunk_size=self.loss_chunk_size,
+            vocab_size=vocab_size,
+            eos_token_id=separator_id,
+            bos_token_id=separator_id,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,8 +180,18 @@ def _coerce_numbers(d: dict) -> dict:
 
 
 # Keys that define the model; a model brought by init_from has its own, so these may not be given with it.
-ARCH_KEYS = {"block", "dynamics", "step_size", "initial_state", "layers", "hidden", "heads", "kv_heads",
-             "intermediate", "max_positions"}
+ARCH_KEYS = {
+    "block",
+    "dynamics",
+    "step_size",
+    "initial_state",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "intermediate",
+    "max_positions",
+}
 
 
 def load_yaml(path) -> dict:

@@ -37,6 +37,7 @@ Everything that decides the next step (weights, AdamW state, scheduler, the samp
 RNG) is in each checkpoint, so on CPU a resumed run is bit-identical to an uninterrupted one.
 Outputs: RUN/config.yaml, RUN/metrics.csv, RUN/tb/ (TensorBoard), RUN/checkpoints/, RUN/summary.json.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,7 +101,9 @@ def _resolve_resume(cfg, explicit):
     stored = meta["config"]
     for k in explicit or ():
         if k not in RESUME_MUTABLE and getattr(cfg, k) != stored.get(k):
-            raise RevLLMError(f"--resume: {k} cannot change ({stored.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} given)")
+            raise RevLLMError(
+                f"--resume: {k} cannot change ({stored.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} given)"
+            )
     keep = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k in (explicit or ()) or k in ("out", "resume", "progress")}
     keep.setdefault("data", stored.get("data"))
     new = build_config(base=stored, overrides=keep)
@@ -122,11 +125,15 @@ def _keep_global_batch(cfg, meta, world: int) -> None:
         return
     micro = was * cfg.grad_accum  # per-process micro-batches of batch_size rows in one step
     if micro % world:
-        raise RevLLMError(f"--resume: the run was trained on {was} process(es) with grad_accum={cfg.grad_accum} "
-                          f"({micro * cfg.batch_size} rows per step) and this launch has {world}; relaunch on a number "
-                          f"of processes that divides {micro} to keep the global batch")
-    say(f"resuming on {world} process(es) instead of {was}: grad_accum {cfg.grad_accum} -> {micro // world} "
-        f"keeps the global batch of {micro * cfg.batch_size} rows per step")
+        raise RevLLMError(
+            f"--resume: the run was trained on {was} process(es) with grad_accum={cfg.grad_accum} "
+            f"({micro * cfg.batch_size} rows per step) and this launch has {world}; relaunch on a number "
+            f"of processes that divides {micro} to keep the global batch"
+        )
+    say(
+        f"resuming on {world} process(es) instead of {was}: grad_accum {cfg.grad_accum} -> {micro // world} "
+        f"keeps the global batch of {micro * cfg.batch_size} rows per step"
+    )
     cfg.grad_accum = micro // world
 
 
@@ -137,7 +144,9 @@ def _make_run_dir(run: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise RevLLMError(f"cannot write the run directory {run} ({e.strerror or e}): choose a writable --out") from None
+        raise RevLLMError(
+            f"cannot write the run directory {run} ({e.strerror or e}): choose a writable --out"
+        ) from None
 
 
 def _val_windows(tokens, cfg, world: int) -> torch.Tensor:
@@ -182,8 +191,14 @@ def _describe_model(cfg, model) -> None:
     if getattr(c, "model_type", None) != "revllm":
         cfg.dynamics = "euler"  # an ordinary HF model: the standard residual network
         return
-    for key, attr in (("block", "block"), ("dynamics", "dynamics"), ("layers", "num_hidden_layers"),
-                      ("hidden", "hidden_size"), ("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads")):
+    for key, attr in (
+        ("block", "block"),
+        ("dynamics", "dynamics"),
+        ("layers", "num_hidden_layers"),
+        ("hidden", "hidden_size"),
+        ("heads", "num_attention_heads"),
+        ("kv_heads", "num_key_value_heads"),
+    ):
         if getattr(c, attr, None) is not None:
             setattr(cfg, key, getattr(c, attr))
 
@@ -276,8 +291,10 @@ def _open_data(cfg, resume) -> tuple:
     if resume:
         was = resume[1].get("data_tokenizer", {})
         if was.get("sha256") != data.meta["tokenizer"].get("sha256") or was.get("vocab_size") != data.vocab_size:
-            raise RevLLMError(f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
-                              f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer")
+            raise RevLLMError(
+                f"--resume: {data.dir} was made with tokenizer {data.meta['tokenizer']['name']!r}, "
+                f"but the run was trained on {was.get('name')!r}; use token files from the same tokenizer"
+            )
     tokenizer = load_tokenizer(data.dir / "tokenizer") if (data.dir / "tokenizer").is_dir() else None
     return data, tokenizer
 
@@ -300,9 +317,11 @@ def _choose_model(cfg, data, model, resume):
         raise RevLLMError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     data.check(cfg.seq_len, model.config.vocab_size)
     if resume and cfg.max_steps > cfg.schedule_steps:  # said once the inputs are known to be good
-        say(f"--max-steps {cfg.max_steps} extends the run past the {cfg.schedule_steps} steps its lr schedule "
+        say(
+            f"--max-steps {cfg.max_steps} extends the run past the {cfg.schedule_steps} steps its lr schedule "
             f"planned: the schedule is kept, steps {cfg.schedule_steps + 1}-{cfg.max_steps} run at its final lr "
-            f"{cfg.min_lr:g} (min_lr)")
+            f"{cfg.min_lr:g} (min_lr)"
+        )
     if cfg.activation_checkpointing:
         if getattr(model.config, "memory_free", False):
             raise RevLLMError("activation_checkpointing applies to the stored path; memory_free stores no activations")
@@ -318,8 +337,11 @@ def _accelerator(r: _Run) -> None:
     if precision != "fp32" and not r.cuda:
         raise RevLLMError(f"precision={precision} needs a GPU; use fp32 (or auto) on CPU")
     r.precision = precision
-    r.acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not r.cuda,
-                        kwargs_handlers=[DistributedDataParallelKwargs(static_graph=ddp_static_graph(r.model))])
+    r.acc = Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=not r.cuda,
+        kwargs_handlers=[DistributedDataParallelKwargs(static_graph=ddp_static_graph(r.model))],
+    )
     r.world, r.rank, r.main = r.acc.num_processes, r.acc.process_index, r.acc.is_main_process
 
 
@@ -406,7 +428,7 @@ def _one_step(r: _Run) -> tuple:
     rows = r.sampler.next()  # the step's global batch
     for micro in range(cfg.grad_accum):
         first = (micro * r.world + r.rank) * cfg.batch_size
-        batch = {"input_ids": rows[first:first + cfg.batch_size].to(acc.device)}
+        batch = {"input_ids": rows[first : first + cfg.batch_size].to(acc.device)}
         sync = gradient_sync(r.model, micro == cfg.grad_accum - 1)  # DDP no_sync / FSDP2 no reduce-scatter
         measure = r.meter if r.act_bytes is None else contextlib.nullcontext()
         with sync:
@@ -421,8 +443,10 @@ def _one_step(r: _Run) -> tuple:
     train_loss = (loss_sum / cfg.grad_accum).item()
     if not math.isfinite(train_loss):
         good = latest_good(r.run, action="the last good one is")
-        raise RevLLMError(f"loss is {train_loss} at step {r.step + 1}: training stopped, nothing saved; "
-                          f"last good checkpoint: {good or 'none'}")
+        raise RevLLMError(
+            f"loss is {train_loss} at step {r.step + 1}: training stopped, nothing saved; "
+            f"last good checkpoint: {good or 'none'}"
+        )
     if cfg.clip > 0:
         acc.clip_grad_norm_(r.model.parameters(), cfg.clip)
     r.optimizer.step()
@@ -439,8 +463,13 @@ def _loop(r: _Run) -> tuple:
     their intervals. Returns (last validation loss or None, why it stopped early or None, start time)."""
     cfg = r.cfg
     r.model.train()
-    bar = tqdm(total=min(cfg.max_steps, cfg.stop_after or cfg.max_steps), initial=r.step, desc=f"train {cfg.dynamics}",
-               disable=not (cfg.progress and r.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=min(cfg.max_steps, cfg.stop_after or cfg.max_steps),
+        initial=r.step,
+        desc=f"train {cfg.dynamics}",
+        disable=not (cfg.progress and r.main),
+        dynamic_ncols=True,
+    )
     t_start, win_tokens, win_time, val_loss = time.perf_counter(), 0, 0.0, None
     first_step_done, stopped = False, None
     # The bar is closed (and warnings are written through it) even when the loop stops with an error,
@@ -458,9 +487,16 @@ def _loop(r: _Run) -> tuple:
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{mem:,.0f}MB")
             val_loss = _evaluate(r) if r.step % cfg.eval_interval == 0 or r.step == cfg.max_steps else None
             if r.step % cfg.log_interval == 0 or val_loss is not None or r.step == cfg.max_steps:
-                row = {"step": r.step, "tokens": r.tokens, "lr": r.scheduler.get_last_lr()[0], "train_loss": train_loss,
-                       "val_loss": "" if val_loss is None else val_loss, "tokens_per_s": round(tps, 1),
-                       "mem_mb": round(mem, 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                row = {
+                    "step": r.step,
+                    "tokens": r.tokens,
+                    "lr": r.scheduler.get_last_lr()[0],
+                    "train_loss": train_loss,
+                    "val_loss": "" if val_loss is None else val_loss,
+                    "tokens_per_s": round(tps, 1),
+                    "mem_mb": round(mem, 1),
+                    "elapsed_s": round(time.perf_counter() - t_start, 2),
+                }
                 _log(r, {**row, **{k: v for k, v in extra.items() if k in r.fields}})
                 win_tokens, win_time = 0, 0.0
             stopped = _stop_reason(cfg, r.step, time.perf_counter() - t_start)
@@ -486,7 +522,7 @@ def _log(r: _Run, row: dict) -> None:
         return
     with open(r.run / "metrics.csv", "a", newline="") as f:
         csv.DictWriter(f, r.fields, extrasaction="ignore").writerow(row)
-    for k in ("train_loss", "val_loss", "lr", "tokens_per_s", "mem_mb", *r.fields[len(CSV_FIELDS):]):
+    for k in ("train_loss", "val_loss", "lr", "tokens_per_s", "mem_mb", *r.fields[len(CSV_FIELDS) :]):
         if row.get(k) not in (None, ""):
             r.tb.add_scalar(k, row[k], row["step"])
 
@@ -498,12 +534,12 @@ def _evaluate(r: _Run) -> float:
     rank short of windows scores a padding batch with weight 0."""
     acc, windows, bs = r.acc, r.windows, r.cfg.batch_size
     r.model.eval()
-    mine = windows[r.rank::r.world]
+    mine = windows[r.rank :: r.world]
     per_rank = -(-len(windows) // r.world)
     total = torch.zeros(2, device=acc.device, dtype=torch.float64)  # sum of window losses, windows
     with torch.no_grad(), acc.autocast():
         for i in range(0, per_rank, bs):
-            x = mine[i:i + bs]
+            x = mine[i : i + bs]
             weight = len(x)
             x = x if weight else windows[:1]
             loss = r.loss_fn(r.model, {"input_ids": x.to(acc.device)})[0].double()
@@ -524,16 +560,25 @@ def _check_finite(r: _Run) -> None:
         bad = int(r.acc.reduce(torch.tensor(float(bad), device=r.acc.device), "sum").item())
     if bad:
         good = latest_good(r.run, action="the last good one is")
-        raise RevLLMError(f"parameters/optimizer state became NaN/inf at step {r.step} ({bad} tensors; the lr may be "
-                          f"too high): training stopped, nothing saved; last good checkpoint: {good or 'none'}")
+        raise RevLLMError(
+            f"parameters/optimizer state became NaN/inf at step {r.step} ({bad} tensors; the lr may be "
+            f"too high): training stopped, nothing saved; last good checkpoint: {good or 'none'}"
+        )
 
 
 def _save(r: _Run) -> None:
     """Checkpoint ``r.step`` (rank 0 writes; under FSDP2 every rank gathers the full state first)."""
     _check_finite(r)
     acc, cfg = r.acc, r.cfg
-    st = {"world_size": r.world, "tokens": r.tokens, "train_time": r.train_time, "timed_tokens": r.timed_tokens,
-          "sampler": r.sampler.state(), "config": cfg.to_dict(), "data_tokenizer": r.data.meta["tokenizer"]}
+    st = {
+        "world_size": r.world,
+        "tokens": r.tokens,
+        "train_time": r.train_time,
+        "timed_tokens": r.timed_tokens,
+        "sampler": r.sampler.state(),
+        "config": cfg.to_dict(),
+        "data_tokenizer": r.data.meta["tokenizer"],
+    }
     rngs = {"torch": torch.get_rng_state()}
     if r.cuda:
         rngs["cuda"] = torch.cuda.get_rng_state()
@@ -563,15 +608,29 @@ def _finish(r: _Run, val_loss, stopped, t_start: float) -> dict:
         val_loss = _evaluate(r)
     model = r.acc.unwrap_model(r.model)
     cfg = r.cfg
-    summary = {"run": str(r.run), "steps": r.step, "tokens": r.tokens, "val_loss": val_loss,
-               "val_ppl": math.exp(min(val_loss, 50)),
-               "tokens_per_s": r.timed_tokens / r.train_time if r.train_time else 0.0,
-               "activation_mb": (r.act_bytes or 0) / 2**20, "peak_mb": memory_mb(r.acc.device),
-               "peak_kind": "cuda_max_allocated" if r.cuda else "cpu_max_rss",
-               "params": sum(p.numel() for p in model.parameters()), "dynamics": cfg.dynamics, "block": cfg.block,
-               "memory_free": bool(getattr(model.config, "memory_free", False)), "precision": r.precision,
-               "device": str(r.acc.device), "stopped_early": stopped, "wall_s": time.perf_counter() - t_start,
-               "cpu_s": cpu_seconds(), "config": cfg.to_dict(), "world_size": r.world, "rank": r.rank}
+    summary = {
+        "run": str(r.run),
+        "steps": r.step,
+        "tokens": r.tokens,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50)),
+        "tokens_per_s": r.timed_tokens / r.train_time if r.train_time else 0.0,
+        "activation_mb": (r.act_bytes or 0) / 2**20,
+        "peak_mb": memory_mb(r.acc.device),
+        "peak_kind": "cuda_max_allocated" if r.cuda else "cpu_max_rss",
+        "params": sum(p.numel() for p in model.parameters()),
+        "dynamics": cfg.dynamics,
+        "block": cfg.block,
+        "memory_free": bool(getattr(model.config, "memory_free", False)),
+        "precision": r.precision,
+        "device": str(r.acc.device),
+        "stopped_early": stopped,
+        "wall_s": time.perf_counter() - t_start,
+        "cpu_s": cpu_seconds(),
+        "config": cfg.to_dict(),
+        "world_size": r.world,
+        "rank": r.rank,
+    }
     if r.main:
         r.tb.close()
         atomic_write(r.run / "summary.json", json.dumps(summary, indent=1))

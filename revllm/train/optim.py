@@ -3,6 +3,7 @@
 Decoupled weight decay (AdamW) applies to matrices only: norms, biases and embeddings (and so the tied
 LM head) are not decayed, as in nanoGPT/GPT-2 practice.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8, foreach=False)  # foreach off: identical arithmetic on every backend
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False
+    )  # foreach off: identical arithmetic on every backend
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:

@@ -4,6 +4,7 @@ Reads each run's ``summary.json`` (final numbers) and ``metrics.csv`` (curves). 
 ``OUT/report.md``, ``OUT/loss.png`` (train and val loss of all runs on one figure) and
 ``OUT/memory_throughput.png`` (activation memory, peak memory and tokens/s side by side).
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,14 @@ from matplotlib.figure import Figure
 from ..errors import read_json
 from ..io import atomic_write
 
-COLUMNS = [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "val ppl", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-           ("activation_mb", "activation MB", "{:.2f}"), ("peak_mb", "peak MB", "{:,.0f}"), ("params", "params", "{:,}")]
+COLUMNS = [
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_ppl", "val ppl", "{:.1f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("activation_mb", "activation MB", "{:.2f}"),
+    ("peak_mb", "peak MB", "{:,.0f}"),
+    ("params", "params", "{:,}"),
+]
 
 
 def load_run(path) -> dict:
@@ -42,8 +49,11 @@ def table(runs) -> str:
     for r in runs:
         s = r["summary"]
         cells = [c[2].format(s[c[0]]) if s.get(c[0]) is not None else "-" for c in COLUMNS]
-        lines.append(f"| {r['name']} | {s.get('dynamics')} | {'yes' if s.get('memory_free') else 'no'} | {s.get('steps')} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['name']} | {s.get('dynamics')} | {'yes' if s.get('memory_free') else 'no'} | {s.get('steps')} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -75,8 +85,11 @@ def plot_loss(runs, path: Path):
 
 def plot_memory_throughput(runs, path: Path):
     names = [r["name"] for r in runs]
-    panels = [("activation_mb", "activation memory (MB saved for backward)"), ("peak_mb", "peak memory (MB)"),
-              ("tokens_per_s", "throughput (tokens/s)")]
+    panels = [
+        ("activation_mb", "activation memory (MB saved for backward)"),
+        ("peak_mb", "peak memory (MB)"),
+        ("tokens_per_s", "throughput (tokens/s)"),
+    ]
     fig = Figure(figsize=(11, 3.6))
     axes = fig.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels):
@@ -95,12 +108,20 @@ def write_report(run_paths, out) -> Path:
     plot_loss(runs, out / "loss.png")
     plot_memory_throughput(runs, out / "memory_throughput.png")
     s0 = runs[0]["summary"]
-    md = ["# revllm training report", "",
-          f"Device: {s0.get('device')}, precision {s0.get('precision')}. Peak memory is "
-          + ("CUDA max allocated." if s0.get("peak_kind") == "cuda_max_allocated" else
-             "the training process's peak RSS (CPU), which includes the Python/torch runtime.")
-          + " Activation memory is what autograd saves for backward in one forward (parameters excluded).", "",
-          table(runs), ""]
+    md = [
+        "# revllm training report",
+        "",
+        f"Device: {s0.get('device')}, precision {s0.get('precision')}. Peak memory is "
+        + (
+            "CUDA max allocated."
+            if s0.get("peak_kind") == "cuda_max_allocated"
+            else "the training process's peak RSS (CPU), which includes the Python/torch runtime."
+        )
+        + " Activation memory is what autograd saves for backward in one forward (parameters excluded).",
+        "",
+        table(runs),
+        "",
+    ]
     if len(runs) > 1:
         base = min(runs, key=lambda r: bool(r["summary"].get("memory_free")))  # prefer a stored-activation baseline
         for r in runs:
@@ -119,8 +140,10 @@ def write_report(run_paths, out) -> Path:
     md += ["![loss curves](loss.png)", "", "![memory and throughput](memory_throughput.png)", "", "## Runs", ""]
     for r in runs:
         c = r["summary"].get("config", {})
-        md.append(f"- `{r['path']}`: {c.get('block')} {c.get('layers')} layers x {c.get('hidden')} hidden, "
-                  f"{c.get('heads')} heads, seq {c.get('seq_len')}, batch {c.get('batch_size')}x{c.get('grad_accum')}, "
-                  f"lr {c.get('lr')}, {r['summary'].get('tokens'):,} tokens, {r['summary'].get('wall_s', 0):.0f} s")
+        md.append(
+            f"- `{r['path']}`: {c.get('block')} {c.get('layers')} layers x {c.get('hidden')} hidden, "
+            f"{c.get('heads')} heads, seq {c.get('seq_len')}, batch {c.get('batch_size')}x{c.get('grad_accum')}, "
+            f"lr {c.get('lr')}, {r['summary'].get('tokens'):,} tokens, {r['summary'].get('wall_s', 0):.0f} s"
+        )
     atomic_write(out / "report.md", "\n".join(md) + "\n")
     return out / "report.md"
