@@ -123,6 +123,21 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             and (torch.is_tensor(a0) or a0 != 0)
         )
 
+    def _resolve_cache(self, cache, past_key_values, use_cache):
+        """(the KV cache to use or None, whether to return it). transformers >= 5.24 passes the cache as
+        ``cache`` (``past_key_values`` before): accept both."""
+        past_key_values = cache if cache is not None else past_key_values
+        use_cache = bool(use_cache) and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            # A static cache pads keys to its full length, which the blocks' masks do not cover.
+            raise ValueError(
+                f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
+                f"got {type(past_key_values).__name__}"
+            )
+        return past_key_values, use_cache
+
     def forward(
         self,
         input_ids=None,
@@ -145,17 +160,7 @@ class RevLLMForCausalLM(RevLLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        # transformers >= 5.24 passes the KV cache as ``cache`` (``past_key_values`` before): accept both.
-        past_key_values = cache if cache is not None else past_key_values
-        use_cache = bool(use_cache) and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-            # A static cache pads keys to its full length, which the blocks' masks do not cover.
-            raise ValueError(
-                f"generation with a KV cache needs a DynamicCache (the default cache_implementation), "
-                f"got {type(past_key_values).__name__}"
-            )
+        past_key_values, use_cache = self._resolve_cache(cache, past_key_values, use_cache)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
