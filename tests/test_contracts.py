@@ -18,31 +18,7 @@ from revllm import io as rio
 from revllm.errors import CheckpointError, RevLLMError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--layers",
-    "2",
-    "--hidden",
-    "32",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--warmup",
-    "1",
-    "--lr",
-    "3e-3",
-    "--eval-iters",
-    "1",
-    "--eval-interval",
-    "100",
-    "--loss-chunk-size",
-    "32",
-    "--no-progress",
-]
+TINY = "--layers 2 --hidden 32 --heads 4 --kv-heads 2 --seq-len 32 --batch-size 4 --warmup 1 --lr 3e-3 --eval-iters 1 --eval-interval 100 --loss-chunk-size 32 --no-progress".split()
 
 
 def _env():

@@ -76,16 +76,7 @@ def training(tmp_path_factory, token_dir):
     return json.loads((d / "train.json").read_text()) | {"dir": d}
 
 
-FP32_CASES = [
-    "ddp-llama-midpoint",
-    "ddp-llama-hamiltonian",
-    "ddp-gpt2-midpoint",
-    "ddp-llama-midpoint_a-fixed_point",
-    "fsdp2-llama-midpoint",
-    "fsdp2-llama-hamiltonian",
-    "fsdp2-gpt2-hamiltonian",
-    "fsdp2-gpt2-leapfrog",
-]
+FP32_CASES = "ddp-llama-midpoint ddp-llama-hamiltonian ddp-gpt2-midpoint ddp-llama-midpoint_a-fixed_point fsdp2-llama-midpoint fsdp2-llama-hamiltonian fsdp2-gpt2-hamiltonian fsdp2-gpt2-leapfrog".split()
 
 
 @pytest.mark.parametrize("case", FP32_CASES)

@@ -23,27 +23,7 @@ from revllm.train import checkpoint as ckpt_io
 from revllm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--layers",
-    "2",
-    "--hidden",
-    "32",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--warmup",
-    "2",
-    "--eval-iters",
-    "2",
-    "--loss-chunk-size",
-    "32",
-    "--no-progress",
-]
+TINY = "--layers 2 --hidden 32 --heads 4 --kv-heads 2 --seq-len 32 --batch-size 4 --warmup 2 --eval-iters 2 --loss-chunk-size 32 --no-progress".split()
 
 
 def _cli(*args, preexec_fn=None):

@@ -21,25 +21,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "revllm"
 
-FLOORS = [
-    "errors",
-    "memory",
-    "assets",
-    "io",
-    "dynamics",
-    "engine",
-    "blocks",
-    "modeling",
-    "data",
-    "eval",
-    "parallel",
-    "train",
-    "convert",
-    "bench",
-    "commands",
-    "revllm",
-    "cli",
-]
+FLOORS = "errors memory assets io dynamics engine blocks modeling data eval parallel train convert bench commands revllm cli".split()
 MAX_FUNCTION_LINES = 80
 # Optional dependencies (extras in pyproject.toml) imported inside the function that needs them, so that
 # revllm works without them; each such import says why on its line or the line above.

@@ -38,34 +38,7 @@ def _corpus(tmp_path, n=40) -> Path:
     return f
 
 
-TINY = [
-    "--hidden",
-    "32",
-    "--heads",
-    "2",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "2",
-    "--tokens",
-    "192",
-    "--depths",
-    "2",
-    "--other",
-    "none",
-    "--seeds",
-    "0",
-    "--vocab",
-    "300",
-    "--evals",
-    "2",
-    "--eval-iters",
-    "2",
-    "--checkpoint-every",
-    "3",
-    "--val-fraction",
-    "0.1",
-]
+TINY = "--hidden 32 --heads 2 --seq-len 16 --batch-size 2 --tokens 192 --depths 2 --other none --seeds 0 --vocab 300 --evals 2 --eval-iters 2 --checkpoint-every 3 --val-fraction 0.1".split()
 
 
 def _args(tmp_path, *extra):

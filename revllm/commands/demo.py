@@ -34,36 +34,7 @@ DEMO_MARK = ".revllm-demo"
 # Deep and long enough that the stored run's activations dominate its peak RSS (see the README's demo row);
 # width 96 keeps the 49152-token LM head cheap. Sized (by CPU seconds measured on a shared machine) for
 # about 1.5 minutes per run on 2 idle cores; --max-time bounds each run.
-DEMO_MODEL = [
-    "--block",
-    "llama",
-    "--layers",
-    "64",
-    "--hidden",
-    "96",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--seq-len",
-    "256",
-    "--batch-size",
-    "8",
-    "--lr",
-    "2e-3",
-    "--min-lr",
-    "2e-4",
-    "--warmup",
-    "5",
-    "--loss-chunk-size",
-    "256",
-    "--eval-iters",
-    "4",
-    "--keep-last",
-    "1",
-    "--seed",
-    "0",
-]
+DEMO_MODEL = "--block llama --layers 64 --hidden 96 --heads 4 --kv-heads 2 --seq-len 256 --batch-size 8 --lr 2e-3 --min-lr 2e-4 --warmup 5 --loss-chunk-size 256 --eval-iters 4 --keep-last 1 --seed 0".split()
 DEMO_STEPS = 24
 # run directory -> (train flags, what it is)
 BASELINES = {
