@@ -208,4 +208,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # two ranks on a small CPU
     rank, world, _ = init_distributed("gloo")
     {"grads": grads, "train": train, "deepspeed": deepspeed_grads}[sys.argv[1]](rank, world, *sys.argv[2:])
+    # Both ranks leave together: a rank tearing down its gloo group while the other still talks to it
+    # can abort in a C++ destructor ("terminate called without an active exception", seen once with DeepSpeed).
+    dist.barrier()
     dist.destroy_process_group()
