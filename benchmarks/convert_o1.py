@@ -36,7 +36,8 @@ from convert_smollm2 import kjv_text  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.o1 import O1DistillLoss, auto_hard_layers, calibrate, parse_hard_layers  # noqa: E402
 from revllm.eval import evaluate_perplexity  # noqa: E402
-from revllm.io import save_model_atomic, smollm2_model_dir  # noqa: E402
+from revllm.io import latest_good, load_model, save_model_atomic, smollm2_model_dir  # noqa: E402
+from revllm.train.checkpoint import load_trainer_state, save_checkpoint  # noqa: E402
 
 RESULTS = Path(os.environ.get("REVLLM_BENCH_OUT", Path(__file__).parent / "results"))
 RUNS = RESULTS / "convert_o1"
@@ -46,7 +47,7 @@ MARKS = (6144, 12800, 25600, 51200, 102400, 204800, 409600)
 def load(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = smollm2_model_dir()
+    d = args.source or smollm2_model_dir()  # --source: another HF model directory (the tests' tiny model)
     tok = AutoTokenizer.from_pretrained(d)
     orig = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.tensor(tok(kjv_text(args.kjv), add_special_tokens=False)["input_ids"])
@@ -61,7 +62,7 @@ def sampler(train, args):
         s = torch.randint(0, len(train) - args.seq_len, (args.batch_size,), generator=rng)
         return torch.stack([train[i : i + args.seq_len] for i in s.tolist()])
 
-    return batch
+    return rng, batch
 
 
 def hard_layers(orig, train, spec, seq_len):
@@ -87,18 +88,20 @@ def build(orig, train, args):
     return model, stored, scores
 
 
-def run(args):
-    torch.manual_seed(0)
-    orig, held, train = load(args)
-    model, stored, scores = build(orig, train, args)
-    steps = -(-args.tokens // (args.batch_size * args.seq_len))
-    loss_fn = O1DistillLoss(orig, args.layer_weight, args.layer_weight_end, steps)
-    ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    batch = sampler(train, args)
-    res = {
+# What a resumed run must share with the run it continues (anything else would splice two recipes).
+RECIPE = ("dynamics", "k", "step_size", "initial_state", "hard_layers", "layer_weight", "layer_weight_end",
+          "tokens", "lr", "warmup", "seq_len", "batch_size", "eval_tokens", "eval_seq_len")  # fmt: skip
+
+
+def _recipe(args) -> dict:
+    return {k: getattr(args, k) for k in RECIPE} | {"source": str(args.source or "smollm2")}
+
+
+def _header(args, stored, scores) -> dict:
+    return {
         "name": args.name,
         "command": " ".join(sys.argv),
+        "recipe": _recipe(args),
         "dynamics": args.dynamics,
         "k": args.k if args.dynamics == "midpoint_a" else None,
         "hard_layers": stored,
@@ -112,25 +115,73 @@ def run(args):
         "threads": torch.get_num_threads(),
         "curve": [],
     }
-    t0, tokens = time.perf_counter(), 0
-    res["curve"].append({"tokens": 0, "perplexity": ev(model)})
-    print(args.name, res["curve"][-1], "hard layers", stored, flush=True)
-    marks = [m for m in MARKS if m < args.tokens] + [args.tokens]
+
+
+def _resume(args, run_dir):
+    """(student, optimizer state, rng states, result so far, step) from the newest good checkpoint, or None."""
+    ckpt = latest_good(run_dir)
+    if ckpt is None:
+        return None
+    meta, opt_state, rng = load_trainer_state(ckpt)
+    if meta["res"]["recipe"] != _recipe(args):
+        diff = sorted(k for k, v in _recipe(args).items() if meta["res"]["recipe"].get(k) != v)
+        raise SystemExit(f"convert_o1: {run_dir} was run with other settings ({', '.join(diff)}); refusing to resume")
+    return load_model(ckpt / "model"), opt_state, rng, meta["res"], meta["step"]
+
+
+def _save(run_dir, step, model, opt, sched, batch_rng, res):
+    rng = {"sampler": batch_rng.get_state(), "torch": torch.get_rng_state()}
+    save_checkpoint(run_dir, step, model, None, opt, sched, {"res": res}, rng, keep_last=1)
+
+
+def run(args):
+    torch.manual_seed(0)
+    orig, held, train = load(args)
+    run_dir = args.run_dir or Path("runs/convert_o1") / args.name
+    model, stored, scores = build(orig, train, args)
+    res, start = _header(args, stored, scores), 0
+    resumed = _resume(args, run_dir) if args.resume else None
+    if resumed is None and args.resume is False and latest_good(run_dir, "found") is not None:
+        raise SystemExit(f"convert_o1: {run_dir} holds checkpoints; pass --resume, or another --run-dir")
+    steps = -(-args.tokens // (args.batch_size * args.seq_len))
+    ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
+    batch_rng, batch = sampler(train, args)
+    if resumed is not None:
+        model, opt_state, rng, res, start = resumed
+        batch_rng.set_state(rng["sampler"])
+        torch.set_rng_state(rng["torch"])
+        res["command"] = " ".join(sys.argv)
+        print(f"{args.name}: resuming from step {start} ({run_dir})", flush=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # linear warm-up, then constant (as convert_smollm2.py)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)))
+    if resumed is not None:
+        opt.load_state_dict(opt_state)
+        sched.last_epoch = start
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    else:
+        res["curve"].append({"tokens": 0, "perplexity": ev(model)})
+        print(args.name, res["curve"][-1], "hard layers", stored, flush=True)
+    loss_fn = O1DistillLoss(orig, args.layer_weight, args.layer_weight_end, steps, start_step=start)
+    t0 = time.perf_counter() - res.get("seconds", 0.0)
+    tokens = start * args.batch_size * args.seq_len
+    marks = [m for m in MARKS if tokens < m < args.tokens] + [args.tokens]
+    stop = min(steps, args.stop_after) if args.stop_after else steps
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:  # linear warm-up, then constant (as convert_smollm2.py)
-            g["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
+    for step in range(start, stop):
         loss, met = loss_fn(model, {"input_ids": batch()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         tokens += args.batch_size * args.seq_len
         print(
             f"{args.name} step {step + 1}/{steps} tokens {tokens} kl {met['kl']:.4f} "
             f"layer_err {met.get('layer_err', 0):.4g} w {met['layer_weight']:.3g} {time.perf_counter() - t0:.0f}s",
             flush=True,
         )
-        if marks and tokens >= marks[0]:
+        mark = bool(marks) and tokens >= marks[0]
+        if mark:
             marks = [m for m in marks if m > tokens]
             model.eval()
             res["curve"].append(
@@ -143,10 +194,13 @@ def run(args):
                 }
             )
             model.train()
-            res.update(seconds=time.perf_counter() - t0, steps=step + 1, partial=step + 1 < steps)
-            _write_json(RUNS / f"{args.name}.json", res)
             print(args.name, res["curve"][-1], flush=True)
-    if args.save:  # the final student, for `revllm eval` (zero-shot tasks)
+        res.update(seconds=time.perf_counter() - t0, steps=step + 1, partial=step + 1 < steps)
+        if mark or (step + 1) % args.ckpt_every == 0 or step + 1 == stop:
+            _save(run_dir, step + 1, model, opt, sched, batch_rng, res)
+        if mark:
+            _write_json(RUNS / f"{args.name}.json", res)
+    if args.save and stop == steps:  # the final student, for `revllm eval` (zero-shot tasks)
         save_model_atomic(model.eval(), args.save)
 
 
@@ -163,7 +217,7 @@ def cost(args):
     from revllm.memory import SavedBytes
 
     orig, held, train = load(args)
-    batch = sampler(train, args)
+    _, batch = sampler(train, args)
     xs = [batch() for _ in range(args.rounds + 1)]
     rows = {
         "ordinary fine-tuning (CE, stored)": None,
@@ -367,6 +421,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--save", type=Path, default=None, help="run: save the final student here")
     ap.add_argument("--kjv", type=Path, default=Path(".cache/assets/kjv.txt"))
+    ap.add_argument("--source", type=Path, default=None, help="an HF model directory instead of SmolLM2")
+    ap.add_argument("--run-dir", type=Path, default=None, help="run: checkpoints (default runs/convert_o1/NAME)")
+    ap.add_argument("--ckpt-every", type=int, default=25, help="run: checkpoint every N steps and at each mark")
+    ap.add_argument("--resume", action="store_true", help="run: continue from the newest good checkpoint")
+    ap.add_argument("--stop-after", type=int, default=None, help="run: stop (resumably) after this many steps")
     args = ap.parse_args()
     if args.mode == "run" and not args.name:
         ap.error("run needs --name")

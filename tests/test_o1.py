@@ -201,3 +201,83 @@ def test_cli_o1_refuses_an_already_converted_model(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "already a converted revllm model" in err and len(err.strip().splitlines()) == 1
+
+
+# -- benchmarks/convert_o1.py: the long recipe runs resume exactly -----------------------------------------
+def _bench_source(root):
+    """A tiny tied Llama with its own byte-level BPE, and a KJV-formatted text ("   N verse" lines)."""
+    import random
+
+    import transformers as t
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rnd, words = random.Random(0), "in the beginning god created heaven and earth without form void deep".split()
+    text = "\n".join(f"   {i} " + " ".join(rnd.choice(words) for _ in range(12)) for i in range(1, 200))
+    (root / "kjv.txt").write_text(text)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    t.LlamaForCausalLM(
+        t.LlamaConfig(**cfg, vocab_size=tk.get_vocab_size(), max_position_embeddings=64)
+    ).save_pretrained(root)
+    t.PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(root)
+    return root
+
+
+def _bench(monkeypatch, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
+    spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "results")
+    src = _bench_source(tmp_path)
+    flags = f"--source {src} --kjv {src / 'kjv.txt'} --hard-layers 1 --tokens 160 --seq-len 16 --batch-size 2"
+    flags += " --eval-tokens 64 --eval-seq-len 32 --ckpt-every 2 --layer-weight 1 --lr 3e-3"
+
+    def run(name, *extra):
+        monkeypatch.setattr(sys, "argv", ["convert_o1.py", "run", "--name", name, *flags.split(), *extra])
+        mod.main()
+        return json.loads((tmp_path / "results" / f"{name}.json").read_text())
+
+    return run
+
+
+def test_convert_o1_benchmark_run_resumes_bitwise(monkeypatch, tmp_path):
+    """A run stopped mid-schedule and resumed ends with the same weights, bit for bit, and the same curve as
+    one uninterrupted run: the sampler's position, AdamW's moments, the warm-up and the layer-weight
+    schedule all continue. Anything restarted (a fresh sampler, say) would change the weights."""
+    from safetensors.torch import load_file
+
+    from revllm.io import list_checkpoints
+
+    run = _bench(monkeypatch, tmp_path)
+    whole = run("whole", "--run-dir", str(tmp_path / "whole"), "--warmup", "3")
+    with pytest.raises(FileNotFoundError):  # stopped after 3 of 5 steps: no result at the final mark yet
+        run("split", "--run-dir", str(tmp_path / "split"), "--warmup", "3", "--stop-after", "3")
+    split = run("split", "--run-dir", str(tmp_path / "split"), "--warmup", "3", "--resume")
+    assert split["curve"] == whole["curve"] and split["steps"] == 5 and not split["partial"]
+    a, b = (
+        load_file(str(list_checkpoints(tmp_path / n)[-1] / "model" / "model.safetensors")) for n in ("whole", "split")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(str(tmp_path / "model.safetensors"))["model.embed_tokens.weight"]
+    assert not torch.equal(a["model.embed_tokens.weight"], start)  # it trained
+
+
+def test_convert_o1_benchmark_refuses_to_splice_two_recipes(monkeypatch, tmp_path):
+    run = _bench(monkeypatch, tmp_path)
+    d = str(tmp_path / "r")
+    with pytest.raises(FileNotFoundError):
+        run("r", "--run-dir", d, "--stop-after", "2")
+    with pytest.raises(SystemExit, match="other settings \\(lr\\)"):
+        run("r", "--run-dir", d, "--resume", "--lr", "1e-3")
+    with pytest.raises(SystemExit, match="holds checkpoints; pass --resume"):
+        run("r", "--run-dir", d)
