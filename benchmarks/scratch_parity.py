@@ -172,7 +172,10 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
         extra["exact_reversal"] = True
     if dyn == "midpoint_a":
         extra["midpoint_a"] = midpoint_a_value(settings["a_dist"], layers, seed, args.exact)
-    rid = f"{phase}-{family}{layers}-{rule}-{slug(settings)}-t{args.tokens / 1e6:g}M-s{seed}"
+    if phase == "memory":  # one step: the first step's saved bytes and the process peak, nothing else
+        train.update(max_steps=1, warmup=1, eval_interval=1, eval_iters=1, checkpoint_interval=1, log_interval=1)
+    budget = "1step" if phase == "memory" else f"t{args.tokens / 1e6:g}M"
+    rid = f"{phase}-{family}{layers}-{rule}-{slug(settings)}-{budget}-s{seed}"
     return {
         "id": rid,
         "phase": phase,
@@ -181,7 +184,7 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
         "rule": rule,
         "settings": settings,
         "seed": seed,
-        "tokens_budget": args.tokens,
+        "tokens_budget": args.batch_size * args.seq_len if phase == "memory" else args.tokens,
         "train": train,
         "model_extra": extra,
         "vocab_size": vocab_size,
@@ -222,10 +225,10 @@ def build_grid(args, vocab_size: int, results: dict) -> list[dict]:
                     specs.append(run_spec(args, "tune", family, int(depth), rule, s, seed, vocab_size))
     else:
         for family, layers in parse_sizes(args):
-            for seed in seeds:
+            for seed in seeds[:1] if args.phase == "memory" else seeds:
                 for rule in rules:
                     s = best_tuned(results, rule) or default_settings(rule, args.lr, a_dists)
-                    specs.append(run_spec(args, "final", family, layers, rule, s, seed, vocab_size))
+                    specs.append(run_spec(args, args.phase, family, layers, rule, s, seed, vocab_size))
     for spec in specs:
         try:
             validate_spec(spec)
@@ -391,6 +394,8 @@ def worker(spec_path: str) -> int:
         done = train(cfg, model=model)
         if done.get("stopped_early"):
             return 3  # stopped by stop_after (tests) or max_time: not a result yet
+    if spec["phase"] == "memory":
+        return _write_result(run, _memory_result(done))
     ckpt = ckpt_io.latest_good(run)
     model = ckpt_io.load_model(ckpt).eval()
     # The headline loss: every token of val.bin once (the loop's evaluations use a fixed sample of it).
@@ -444,6 +449,15 @@ def worker(spec_path: str) -> int:
         "exact_reversal": bool(getattr(model.config, "exact_reversal", False)),
         "curve": curve,
     }
+    return _write_result(run, result)
+
+
+def _memory_result(done: dict) -> dict:
+    keys = {"activation_mib": "activation_mb", "peak_rss_mib": "peak_mb", "params": "params"}
+    return {"status": "ok", **{k: done[v] for k, v in keys.items()}, "memory_free": done["memory_free"]}
+
+
+def _write_result(run: Path, result: dict) -> int:
     tmp = run / ".result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, run / "result.json")
@@ -550,6 +564,32 @@ HEADER = (
 )
 
 
+def memory_lines(results: dict) -> list[str]:
+    """The memory phase: one step per size x rule; activations and peak by depth, and the depth ratio."""
+    runs = [r for r in results["runs"].values() if r["phase"] == "memory" and r.get("status") == "ok"]
+    if not runs:
+        return []
+    by = {(r["family"], r["layers"], r["rule"]): r for r in runs}
+    lines = ["## memory: one training step per size (bytes saved for backward; the process's peak RSS)\n"]
+    lines += ["| family | rule | " + " | ".join(f"{n} layers: act / peak MiB" for n in _depths(by)) + " | act ratio |"]
+    lines += ["|---|---|" + "---|" * (len(_depths(by)) + 1)]
+    for fam in sorted({k[0] for k in by}):
+        depths = sorted({k[1] for k in by if k[0] == fam})
+        for rule in RULES:
+            got = [by.get((fam, n, rule)) for n in _depths(by)]
+            if not any(got):
+                continue
+            cells = [f"{g['activation_mib']:,.1f} / {g['peak_rss_mib']:,.0f}" if g else "-" for g in got]
+            lo, hi = by.get((fam, depths[0], rule)), by.get((fam, depths[-1], rule))
+            ratio = f"{hi['activation_mib'] / lo['activation_mib']:.2f}x" if lo and hi and len(depths) > 1 else "-"
+            lines.append(f"| {fam} | {rule} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines + [""]
+
+
+def _depths(by: dict) -> list[int]:
+    return sorted({k[1] for k in by})
+
+
 def best_per_rule(groups: dict) -> dict:
     """(size label, family, layers, rule) -> (settings, runs) with the lowest mean val loss."""
     best = {}
@@ -613,6 +653,7 @@ def write_markdown(path: Path, results: dict) -> None:
         if phase == "final":
             lines += verdicts(g) + [""]
         lines += [f"## {phase}: the whole grid\n", HEADER] + table_rows(g) + [""]
+    lines += memory_lines(results)
     failed = [r for r in results["runs"].values() if r.get("status") == "failed"]
     if failed:
         lines += ["## failed runs\n"] + [f"- {r['id']}: {r.get('error')}" for r in failed] + [""]
@@ -672,7 +713,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--phase", choices=("tune", "final"), default="final")
+    p.add_argument(
+        "--phase",
+        choices=("tune", "final", "memory"),
+        default="final",
+        help="tune, final, or memory (one step per size x rule: activations and peak by depth)",
+    )
+    p.add_argument("--report", action="store_true", help="only rewrite the Markdown and plots from the JSON")
     p.add_argument("--out", default="runs/scratch", help="run directories, data and tokenizer (default runs/scratch)")
     p.add_argument(
         "--results",
@@ -728,6 +775,13 @@ def check_args(args) -> None:
         raise RevLLMError("--lr must be > 0 and --warmup-frac in [0, 1)")
 
 
+def _summary(res: dict) -> str:
+    mem = f"act {res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB"
+    if "val_loss" not in res:  # a memory-phase run
+        return mem
+    return f"val {res['val_loss']:.4f}, {res['tokens_per_s']:,.0f} tok/s, {mem}, zero-shot {res['zero_shot_acc']}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out, prefix = Path(args.out), Path(args.results)
@@ -735,9 +789,14 @@ def main(argv=None) -> int:
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"runs": {}}
     vocab = 49152 if args.tokenizer == "smollm2" else args.vocab
     check_args(args)
+    if args.report:
+        if not results["runs"]:
+            raise RevLLMError(f"{res_path} holds no runs to report")
+        write_all(prefix, results)
+        return 0
     specs = build_grid(args, vocab, results)  # every impossible run is refused here, before any training
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
+    lock = open(out / (".lock-memory" if args.phase == "memory" else ".lock"), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -799,13 +858,7 @@ def main(argv=None) -> int:
         write_all(prefix, results)
         print(
             f"    {res['status']}: "
-            + (
-                f"val {res['val_loss']:.4f}, {res['tokens_per_s']:,.0f} tok/s, act "
-                f"{res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB, "
-                f"zero-shot {res['zero_shot_acc']}"
-                if res["status"] == "ok"
-                else res["error"]
-            )
+            + (_summary(res) if res["status"] == "ok" else res["error"])
             + f" ({time.time() - t0:,.0f} s)",
             flush=True,
         )

@@ -221,3 +221,26 @@ def test_partial_run_resumes_and_completed_runs_are_skipped(tmp_path):
     assert sp.main(args) == 0  # everything done: nothing runs
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
     assert json.loads((tmp_path / "res" / "sp.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_memory_phase_measures_one_step_per_depth_and_reports_the_ratio(tmp_path):
+    """`--phase memory` trains one step per size x rule (first seed) and tabulates the bytes saved for
+    backward by depth: flat for a memory-free rule, growing with depth for euler. `--report` rewrites the
+    Markdown from the JSON alone."""
+    args = _args(tmp_path, "--rules", "euler,leapfrog", "--zero-shot-task", "", "--phase", "memory")
+    args[args.index("--depths") + 1] = "2,6"
+    args[args.index("--seeds") + 1] = "0,1"
+    assert sp.main(args) == 0
+    res = json.loads((tmp_path / "res" / "sp.json").read_text())
+    runs = {(r["layers"], r["rule"]): r for r in res["runs"].values()}
+    assert sorted(runs) == [(2, "euler"), (2, "leapfrog"), (6, "euler"), (6, "leapfrog")]  # seed 0 only
+    assert all(r["phase"] == "memory" and r["tokens_budget"] == 32 for r in runs.values())
+    act = {k: r["activation_mib"] for k, r in runs.items()}
+    assert act[6, "leapfrog"] == pytest.approx(act[2, "leapfrog"], rel=0.01) and act[2, "leapfrog"] > 0
+    assert act[6, "euler"] > 2 * act[2, "euler"]
+    md = tmp_path / "res" / "sp.md"
+    text = md.read_text()
+    assert "## memory: one training step per size" in text
+    assert f"| llama | leapfrog | {act[2, 'leapfrog']:,.1f} / " in text and "| 1.00x |" in text
+    md.unlink()
+    assert sp.main(args + ["--report"]) == 0 and md.read_text() == text
