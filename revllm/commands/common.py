@@ -6,6 +6,7 @@ import argparse
 import os
 
 import huggingface_hub.constants as hub
+import torch
 
 
 def offline():
@@ -14,6 +15,10 @@ def offline():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers imports DeepSpeed (when installed) inside save_pretrained; without an accelerator DeepSpeed
+    # then warns "Setting accelerator to CPU" mid-run. Naming the CPU it would pick anyway keeps it quiet.
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     # huggingface_hub reads HF_HUB_OFFLINE once, at import (importing revllm already did): set its constant too.
     if os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"):
         hub.HF_HUB_OFFLINE = True
