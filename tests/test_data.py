@@ -111,8 +111,10 @@ def test_token_data_checks(tmp_path, token_dir):
         data.check(seq_len=8, vocab_size=10)
     with pytest.raises(RevLLMError, match="val.bin has"):
         data.check(seq_len=len(data.val) + 5, vocab_size=1000)
-    with pytest.raises(RevLLMError, match="different tokenizer"):
-        data.check(seq_len=8, vocab_size=1000, tokenizer_sha="0" * 64)
+    theirs = data.meta["tokenizer"]["name"]
+    with pytest.raises(RevLLMError, match=f"different tokenizer \\({theirs!r}\\) than the model's \\('mine'\\)"):
+        data.check(seq_len=8, vocab_size=1000, tokenizer={"name": "mine", "sha256": "0" * 64})
+    data.check(seq_len=8, vocab_size=1000, tokenizer={"name": "mine", "sha256": data.meta["tokenizer"]["sha256"]})
     t = tmp_path / "t"
     shutil.copytree(token_dir, t)
     with open(t / "train.bin", "r+b") as f:

@@ -185,7 +185,7 @@ def test_init_from_tokenizer_and_vocab_mismatch(tmp_path, token_dir):
     train_tokenizer(tmp_path / "tok2", vocab_size=280, seed=9)
     for f in (tmp_path / "tok2").iterdir():
         shutil.copy(f, other / f.name)
-    with pytest.raises(RevLLMError, match="different tokenizer"):
+    with pytest.raises(RevLLMError, match=f"different tokenizer .* than the model's \\('{other}'\\)"):
         train(tiny_train_config(token_dir, tmp_path / "ft2", init_from=str(other)))
     import revllm
 

@@ -52,17 +52,19 @@ class TokenData:
             raise RevLLMError(f"token file {p} has {size // self.dtype.itemsize} tokens, meta.json says {expect}")
         return np.memmap(p, dtype=self.dtype, mode="r")
 
-    def check(self, seq_len: int, vocab_size: int, tokenizer_sha: str | None = None):
-        """One-line errors for every way the token files cannot feed this model."""
+    def check(self, seq_len: int, vocab_size: int, tokenizer: dict | None = None):
+        """One-line errors for every way the token files cannot feed this model. ``tokenizer``: the model's
+        ``revllm.io.tokenizer_identity`` (name, sha256), when it has one."""
         if self.vocab_size > vocab_size:
             raise RevLLMError(
                 f"token files use a {self.vocab_size}-token vocabulary but the model has {vocab_size}: "
                 "tokenize with the model's tokenizer"
             )
-        if tokenizer_sha and self.meta["tokenizer"].get("sha256") and tokenizer_sha != self.meta["tokenizer"]["sha256"]:
+        ours, theirs = (tokenizer or {}).get("sha256"), self.meta["tokenizer"].get("sha256")
+        if ours and theirs and ours != theirs:
             raise RevLLMError(
-                f"token files in {self.dir} were made with a different tokenizer than the model's "
-                f"({self.meta['tokenizer']['name']}); re-run `revllm data` with the model's tokenizer"
+                f"token files in {self.dir} were made with a different tokenizer ({self.meta['tokenizer']['name']!r}) "
+                f"than the model's ({tokenizer['name']!r}); re-run `revllm data` with the model's tokenizer"
             )
         for split, arr in (("train", self.train), ("val", self.val)):
             if len(arr) < seq_len + 1:

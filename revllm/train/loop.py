@@ -209,12 +209,6 @@ def _new_model(cfg, data, seed):
     return RevLLMForCausalLM(RevLLMConfig(**cfg.model_kwargs(data.vocab_size, sep)))
 
 
-def _tokenizer_sha(tokenizer):
-    if tokenizer is None:
-        return None
-    return tokenizer_identity(tokenizer, "model")["sha256"]
-
-
 @dataclasses.dataclass
 class _Run:
     """One invocation of ``train``: what its named steps hand each other."""
@@ -308,7 +302,7 @@ def _choose_model(cfg, data, model, resume):
         model = load_model(cfg.init_from)
         src_dir = resolve_model_dir(cfg.init_from)
         if (src_dir / "tokenizer.json").is_file():
-            data.check(cfg.seq_len, model.config.vocab_size, _tokenizer_sha(load_tokenizer(src_dir)))
+            data.check(cfg.seq_len, model.config.vocab_size, tokenizer_identity(load_tokenizer(src_dir), str(src_dir)))
     elif model is None:
         model = _new_model(cfg, data, cfg.seed)
     _describe_model(cfg, model)
