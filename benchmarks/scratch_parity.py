@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -564,6 +565,15 @@ HEADER = (
 )
 
 
+def _command(results: dict, phase: str) -> str:
+    """The phase's latest invocation (older results files kept one command for all phases)."""
+    got = results.get("commands", {}).get(phase)
+    if got:
+        return got
+    runs = [r.get("command") for r in results["runs"].values() if r["phase"] == phase and r.get("command")]
+    return runs[-1] if runs else results.get("command", "")
+
+
 def memory_lines(results: dict) -> list[str]:
     """The memory phase: one step per size x rule; activations and peak by depth, and the depth ratio."""
     runs = [r for r in results["runs"].values() if r["phase"] == "memory" and r.get("status") == "ok"]
@@ -571,6 +581,7 @@ def memory_lines(results: dict) -> list[str]:
         return []
     by = {(r["family"], r["layers"], r["rule"]): r for r in runs}
     lines = ["## memory: one training step per size (bytes saved for backward; the process's peak RSS)\n"]
+    lines += [f"Command (latest): `{_command(results, 'memory')}`\n"]
     lines += ["| family | rule | " + " | ".join(f"{n} layers: act / peak MiB" for n in _depths(by)) + " | act ratio |"]
     lines += ["|---|---|" + "---|" * (len(_depths(by)) + 1)]
     for fam in sorted({k[0] for k in by}):
@@ -634,7 +645,6 @@ def write_markdown(path: Path, results: dict) -> None:
     s = results["setup"]
     lines = [
         "# From-scratch parity (issue 17)\n",
-        f"Command: `{results['command']}`  ",
         f"Machine: {s['machine']}. Corpus: {s['corpus']}; {s['train_tokens']:,} train / {s['val_tokens']:,} "
         f"val tokens, validation held out by document ({s['documents']} documents, every "
         f"{round(1 / s['val_fraction'])}th). Tokenizer: {s['tokenizer']} (vocab {s['vocab_size']}).",
@@ -648,6 +658,7 @@ def write_markdown(path: Path, results: dict) -> None:
         if not g:
             continue
         lines.append(f"## {phase}: best setting of each rule\n")
+        lines.append(f"Command (latest): `{_command(results, phase)}`\n")
         lines += [HEADER] + table_rows({(*k, v[0]): v[1] for k, v in best_per_rule(g).items()})
         lines.append("")
         if phase == "final":
@@ -829,10 +840,13 @@ def main(argv=None) -> int:
         raise RevLLMError(
             f"{res_path} holds runs of a different setup (data, tokenizer or shapes): use another --results"
         )
+    if args.phase == "memory" and old:  # a one-step pass scores nothing: the trained runs' setup stands
+        setup["zero_shot_task"] = old["zero_shot_task"]
     results["setup"] = setup
-    results["command"] = "PYTHONPATH=. python benchmarks/scratch_parity.py " + " ".join(
+    results["command"] = "PYTHONPATH=. python benchmarks/scratch_parity.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    results.setdefault("commands", {})[args.phase] = results["command"]  # each phase's latest invocation
     results.setdefault("runs", {})
     todo = [
         s

@@ -241,6 +241,10 @@ def test_memory_phase_measures_one_step_per_depth_and_reports_the_ratio(tmp_path
     md = tmp_path / "res" / "sp.md"
     text = md.read_text()
     assert "## memory: one training step per size" in text
+    assert (
+        "Command (latest): `PYTHONPATH=. python benchmarks/scratch_parity.py --out" in text and "--phase memory" in text
+    )
+    assert "--zero-shot-task ''" in text  # quoted as a shell would need it
     assert f"| llama | leapfrog | {act[2, 'leapfrog']:,.1f} / " in text and "| 1.00x |" in text
     md.unlink()
     assert sp.main(args + ["--report"]) == 0 and md.read_text() == text
