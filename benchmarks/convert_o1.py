@@ -52,7 +52,7 @@ def load(args):
     orig = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.tensor(tok(kjv_text(args.kjv), add_special_tokens=False)["input_ids"])
     held, train = ids[-args.eval_tokens :], ids[: -args.eval_tokens - 1]  # held-out: the end of Revelation
-    return orig, held, train
+    return orig, held, train, tok
 
 
 def sampler(train, args):
@@ -129,14 +129,15 @@ def _resume(args, run_dir):
     return load_model(ckpt / "model"), opt_state, rng, meta["res"], meta["step"]
 
 
-def _save(run_dir, step, model, opt, sched, batch_rng, res):
+def _save(run_dir, step, model, tok, opt, sched, batch_rng, res):
+    """A checkpoint whose model/ is a complete HF directory (tokenizer included): `revllm eval` reads it."""
     rng = {"sampler": batch_rng.get_state(), "torch": torch.get_rng_state()}
-    save_checkpoint(run_dir, step, model, None, opt, sched, {"res": res}, rng, keep_last=1)
+    save_checkpoint(run_dir, step, model, tok, opt, sched, {"res": res}, rng, keep_last=1)
 
 
 def run(args):
     torch.manual_seed(0)
-    orig, held, train = load(args)
+    orig, held, train, tok = load(args)
     run_dir = args.run_dir or Path("runs/convert_o1") / args.name
     model, stored, scores = build(orig, train, args)
     res, start = _header(args, stored, scores), 0
@@ -197,11 +198,11 @@ def run(args):
             print(args.name, res["curve"][-1], flush=True)
         res.update(seconds=time.perf_counter() - t0, steps=step + 1, partial=step + 1 < steps)
         if mark or (step + 1) % args.ckpt_every == 0 or step + 1 == stop:
-            _save(run_dir, step + 1, model, opt, sched, batch_rng, res)
+            _save(run_dir, step + 1, model, tok, opt, sched, batch_rng, res)
         if mark:
             _write_json(RUNS / f"{args.name}.json", res)
     if args.save and stop == steps:  # the final student, for `revllm eval` (zero-shot tasks)
-        save_model_atomic(model.eval(), args.save)
+        save_model_atomic(model.eval(), args.save, tok)
 
 
 def _write_json(path, obj):
@@ -216,7 +217,7 @@ def cost(args):
     from revllm.convert.distill import DistillLoss
     from revllm.memory import SavedBytes
 
-    orig, held, train = load(args)
+    orig, held, train, _ = load(args)
     _, batch = sampler(train, args)
     xs = [batch() for _ in range(args.rounds + 1)]
     rows = {

@@ -268,6 +268,7 @@ def test_convert_o1_benchmark_run_resumes_bitwise(monkeypatch, tmp_path):
         load_file(str(list_checkpoints(tmp_path / n)[-1] / "model" / "model.safetensors")) for n in ("whole", "split")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (list_checkpoints(tmp_path / "split")[-1] / "model" / "tokenizer.json").is_file()  # `revllm eval` reads it
     start = load_file(str(tmp_path / "model.safetensors"))["model.embed_tokens.weight"]
     assert not torch.equal(a["model.embed_tokens.weight"], start)  # it trained
 
