@@ -36,7 +36,7 @@ from convert_smollm2 import kjv_text  # noqa: E402
 from revllm.convert import convert  # noqa: E402
 from revllm.convert.o1 import O1DistillLoss, auto_hard_layers, calibrate, parse_hard_layers  # noqa: E402
 from revllm.eval import evaluate_perplexity  # noqa: E402
-from revllm.io import latest_good, load_model, save_model_atomic, smollm2_model_dir  # noqa: E402
+from revllm.io import latest_good, load_model, save_model_atomic, smollm2_model_dir, verify  # noqa: E402
 from revllm.train.checkpoint import load_trainer_state, save_checkpoint  # noqa: E402
 
 RESULTS = Path(os.environ.get("REVLLM_BENCH_OUT", Path(__file__).parent / "results"))
@@ -90,11 +90,32 @@ def build(orig, train, args):
 
 # What a resumed run must share with the run it continues (anything else would splice two recipes).
 RECIPE = ("dynamics", "k", "step_size", "initial_state", "hard_layers", "layer_weight", "layer_weight_end",
-          "tokens", "lr", "warmup", "seq_len", "batch_size", "eval_tokens", "eval_seq_len")  # fmt: skip
+          "tokens", "lr", "lr_end", "warmup", "seq_len", "batch_size", "eval_tokens", "eval_seq_len",
+          "branch_from")  # fmt: skip
+# What a branch may change from the run it branches off (the schedule); everything else must match.
+SCHEDULE = ("tokens", "lr", "lr_end", "warmup", "branch_from")
 
 
 def _recipe(args) -> dict:
-    return {k: getattr(args, k) for k in RECIPE} | {"source": str(args.source or "smollm2")}
+    r = {k: getattr(args, k) for k in RECIPE} | {"source": str(args.source or "smollm2")}
+    return r | {"branch_from": str(args.branch_from) if args.branch_from else None}
+
+
+def _branch(args):
+    """(student, optimizer state, rng states, result so far, step) of the checkpoint ``--branch-from`` names:
+    a new run that continues another one's student, AdamW moments and data position under another schedule."""
+    ckpt = verify(args.branch_from)
+    meta, opt_state, rng = load_trainer_state(ckpt)
+    parent = meta["res"]["recipe"]
+    mine = _recipe(args)
+    diff = sorted(k for k in mine if k not in SCHEDULE and parent.get(k) != mine[k])
+    if diff:
+        raise SystemExit(f"convert_o1: --branch-from {ckpt} was run with other settings ({', '.join(diff)})")
+    step = meta["step"]
+    if step * args.batch_size * args.seq_len >= args.tokens:
+        raise SystemExit(f"convert_o1: --branch-from {ckpt} is at step {step}, already past --tokens {args.tokens}")
+    res = meta["res"] | {"branch": {"from": str(ckpt), "parent": meta["res"]["name"], "step": step}}
+    return load_model(ckpt / "model"), opt_state, rng, res, step
 
 
 def _header(args, stored, scores) -> dict:
@@ -142,6 +163,9 @@ def run(args):
     model, stored, scores = build(orig, train, args)
     res, start = _header(args, stored, scores), 0
     resumed = _resume(args, run_dir) if args.resume else None
+    if resumed is None and args.branch_from:
+        resumed = _branch(args)
+        resumed[3].update({k: v for k, v in _header(args, stored, scores).items() if k not in ("curve", "calibration")})
     if resumed is None and args.resume is False and latest_good(run_dir, "found") is not None:
         raise SystemExit(f"convert_o1: {run_dir} holds checkpoints; pass --resume, or another --run-dir")
     steps = -(-args.tokens // (args.batch_size * args.seq_len))
@@ -152,13 +176,21 @@ def run(args):
         batch_rng.set_state(rng["sampler"])
         torch.set_rng_state(rng["torch"])
         res["command"] = " ".join(sys.argv)
-        print(f"{args.name}: resuming from step {start} ({run_dir})", flush=True)
+        print(f"{args.name}: continuing from step {start} ({res.get('branch', {}).get('from', run_dir)})", flush=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    # linear warm-up, then constant (as convert_smollm2.py)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)))
+    # linear warm-up, then constant (as convert_smollm2.py), or linear to --lr-end from the branch point
+    s0 = res.get("branch", {}).get("step", 0)
+    end = 1.0 if args.lr_end is None else args.lr_end / args.lr
+
+    def factor(s):
+        return min(1.0, (s + 1) / (args.warmup + 1)) * (1 + (end - 1) * max(0, s - s0) / max(1, steps - s0))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if resumed is not None:
         opt.load_state_dict(opt_state)
         sched.last_epoch = start
+        for g in opt.param_groups:  # the lr of step `start` under this run's schedule
+            g["lr"] = args.lr * factor(start)
         sched._last_lr = [g["lr"] for g in opt.param_groups]
     else:
         res["curve"].append({"tokens": 0, "perplexity": ev(model)})
@@ -426,6 +458,8 @@ def main():
     ap.add_argument("--run-dir", type=Path, default=None, help="run: checkpoints (default runs/convert_o1/NAME)")
     ap.add_argument("--ckpt-every", type=int, default=25, help="run: checkpoint every N steps and at each mark")
     ap.add_argument("--resume", action="store_true", help="run: continue from the newest good checkpoint")
+    ap.add_argument("--lr-end", type=float, default=None, help="run: lr falls linearly to this (default: constant)")
+    ap.add_argument("--branch-from", type=Path, default=None, help="run: start from another run's checkpoint dir")
     ap.add_argument("--stop-after", type=int, default=None, help="run: stop (resumably) after this many steps")
     args = ap.parse_args()
     if args.mode == "run" and not args.name:

@@ -282,3 +282,29 @@ def test_convert_o1_benchmark_refuses_to_splice_two_recipes(monkeypatch, tmp_pat
         run("r", "--run-dir", d, "--resume", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="holds checkpoints; pass --resume"):
         run("r", "--run-dir", d)
+
+
+def test_convert_o1_benchmark_branch_continues_another_runs_checkpoint(monkeypatch, tmp_path):
+    """--branch-from: a new run continues another one's student, AdamW moments and data position. With the
+    parent's own schedule it ends bit-identical to the parent; with --lr-end it keeps the parent's curve up to
+    the branch point and then differs; another rule is refused."""
+    from safetensors.torch import load_file
+
+    from revllm.io import list_checkpoints
+
+    run = _bench(monkeypatch, tmp_path)
+    with pytest.raises(FileNotFoundError):  # stopped before its first mark: a checkpoint, no result yet
+        run("parent", "--run-dir", str(tmp_path / "parent"), "--ckpt-every", "1", "--stop-after", "2")
+    ckpt = list_checkpoints(tmp_path / "parent")[-1]
+    whole = run("whole", "--run-dir", str(tmp_path / "whole"))
+    same = run("same", "--run-dir", str(tmp_path / "same"), "--branch-from", str(ckpt))
+    assert same["curve"] == whole["curve"] and same["branch"]["step"] == 2 and same["branch"]["parent"] == "parent"
+    w, b = (
+        load_file(str(list_checkpoints(tmp_path / n)[-1] / "model" / "model.safetensors")) for n in ("whole", "same")
+    )
+    assert all(torch.equal(w[k], b[k]) for k in w)
+    decay = run("decay", "--run-dir", str(tmp_path / "decay"), "--branch-from", str(ckpt), "--lr-end", "3e-4")
+    assert decay["curve"][0] == whole["curve"][0] and decay["curve"][-1] != whole["curve"][-1]
+    assert decay["recipe"]["lr_end"] == 3e-4 and decay["name"] == "decay"
+    with pytest.raises(SystemExit, match="other settings \\(dynamics\\)"):
+        run("bad", "--run-dir", str(tmp_path / "bad"), "--branch-from", str(ckpt), "--dynamics", "midpoint")
