@@ -623,9 +623,11 @@ def verdicts(groups: dict) -> list[str]:
         em, es = stats(eu[1], "val_loss")
         d = (rm - em) / em * 100
         word = "<= euler" if rm <= em else ("within 1% of euler" if d <= 1 else "worse than euler by more than 1%")
+        n_r, n_e = len(best[(*label, rule)][1]), len(eu[1])
+        seeds = f"{n_r} vs {n_e} seed{'s' if max(n_r, n_e) > 1 else ''}"
         lines.append(
-            f"- {label[0]}: best reversible {rule} {rm:.4f} ± {rs:.4f} vs euler {em:.4f} ± {es:.4f} "
-            f"({d:+.2f}%): {word}."
+            f"- {label[0]}: best reversible {rule} {fmt(rm, rs, 4, n_r)} vs euler {fmt(em, es, 4, n_e)} "
+            f"({d:+.2f}%, {seeds}): {word}."
         )
     for fam in sorted({k[1] for k in best}):
         depths = sorted({k[2] for k in best if k[1] == fam})

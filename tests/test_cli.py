@@ -276,3 +276,20 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, corpus_dir, tiny_token
     f.write_text("mine")
     assert main(["data", str(corpus_dir), "--out", str(f), "--tokenizer", str(tiny_tokenizer)]) == 2
     assert "File exists" in _err(capsys) and f.read_text() == "mine"
+
+
+def test_train_exact_reversal_flag(tmp_path, token_dir, capsys):
+    """`--exact-reversal` reaches the model (int64 streams, saved in its config) and trains; on a rule that
+    cannot be reversed it is one line and exit 2."""
+    flags = ["--data", token_dir, "--layers", "2", "--hidden", "32", "--heads", "4", "--seq-len", "16"]
+    flags += ["--batch-size", "2", "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1", "--no-progress"]
+    out = tmp_path / "lf"
+    assert main(["train", "--out", str(out), "--dynamics", "leapfrog", "--exact-reversal", *map(str, flags)]) == 0
+    cfg = rio.load_model(out).config
+    assert cfg.exact_reversal is True and cfg.dynamics == "leapfrog"
+    capsys.readouterr()
+    assert (
+        main(["train", "--out", str(tmp_path / "eu"), "--dynamics", "euler", "--exact-reversal", *map(str, flags)]) == 2
+    )
+    err = _err(capsys)
+    assert "exact_reversal=True needs a reversible dynamics; 'euler' is not" in err and len(err.splitlines()) == 1

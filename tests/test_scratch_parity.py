@@ -248,3 +248,16 @@ def test_memory_phase_measures_one_step_per_depth_and_reports_the_ratio(tmp_path
     assert f"| llama | leapfrog | {act[2, 'leapfrog']:,.1f} / " in text and "| 1.00x |" in text
     md.unlink()
     assert sp.main(args + ["--report"]) == 0 and md.read_text() == text
+
+
+def test_verdict_names_the_seed_count_and_shows_a_spread_only_across_seeds():
+    def run(rule, seed, loss):
+        return {"phase": "final", "status": "ok", "family": "llama", "layers": 6, "rule": rule, "seed": seed,
+                "settings": {"lr": 0.002}, "tokens_budget": 2e6, "val_loss": loss, "activation_mib": 16.0}  # fmt: skip
+
+    one = {"runs": {"a": run("euler", 0, 4.0), "b": run("leapfrog", 0, 3.96)}}
+    (line,) = sp.verdicts(sp.grouped(one, "final"))
+    assert "leapfrog 3.9600 vs euler 4.0000 (-1.00%, 1 vs 1 seed): <= euler." in line and "±" not in line
+    two = {"runs": {**one["runs"], "c": run("euler", 1, 4.2), "d": run("leapfrog", 1, 4.3)}}
+    (line,) = sp.verdicts(sp.grouped(two, "final"))
+    assert "leapfrog 4.1300 ± 0.2404 vs euler 4.1000 ± 0.1414 (+0.73%, 2 vs 2 seeds): within 1% of euler." in line

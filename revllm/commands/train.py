@@ -50,6 +50,7 @@ FLAGS = {
 BOOLS = {
     "memory_free": "reversible backward (default on for reversible dynamics)",
     "activation_checkpointing": "per-layer activation checkpointing of the stored path (baseline)",
+    "exact_reversal": "int64 fixed-point streams: the memory-free backward reconstructs every layer bit-exactly",
     "progress": "progress bar",
 }
 

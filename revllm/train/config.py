@@ -50,6 +50,7 @@ class TrainConfig:
     max_positions: int | None = None  # default: seq_len
     dropout: float = 0.0
     memory_free: bool | None = None  # default: on for reversible dynamics
+    exact_reversal: bool = False  # int64 fixed-point streams: bit-exact reconstruction (reversible rules only)
     activation_checkpointing: bool = False  # stored path only (the standard baseline)
     loss_chunk_size: int = 1024
     init_from: str | None = None
@@ -144,6 +145,7 @@ class TrainConfig:
             max_position_embeddings=self.max_positions or self.seq_len,
             dropout=self.dropout,
             memory_free=self.memory_free,
+            exact_reversal=self.exact_reversal,
             loss_chunk_size=self.loss_chunk_size,
             vocab_size=vocab_size,
             eos_token_id=separator_id,
@@ -183,6 +185,7 @@ def _coerce_numbers(d: dict) -> dict:
 ARCH_KEYS = {
     "block",
     "dynamics",
+    "exact_reversal",
     "step_size",
     "initial_state",
     "layers",
