@@ -168,9 +168,8 @@ def run_spec(args, phase, family, layers, rule, settings, seed, vocab_size) -> d
     for k in ("step_size", "initial_state"):
         if k in settings:
             train[k] = settings[k]
+    train["exact_reversal"] = dyn in REVERSIBLE and args.exact
     extra = {}
-    if dyn in REVERSIBLE and args.exact:
-        extra["exact_reversal"] = True
     if dyn == "midpoint_a":
         extra["midpoint_a"] = midpoint_a_value(settings["a_dist"], layers, seed, args.exact)
     if phase == "memory":  # one step: the first step's saved bytes and the process peak, nothing else
@@ -733,6 +732,9 @@ def parse_args(argv=None):
         help="tune, final, or memory (one step per size x rule: activations and peak by depth)",
     )
     p.add_argument("--report", action="store_true", help="only rewrite the Markdown and plots from the JSON")
+    p.add_argument(
+        "--merge", type=Path, default=None, help="add the runs of another results JSON (same setup), then report"
+    )
     p.add_argument("--out", default="runs/scratch", help="run directories, data and tokenizer (default runs/scratch)")
     p.add_argument(
         "--results",
@@ -788,6 +790,24 @@ def check_args(args) -> None:
         raise RevLLMError("--lr must be > 0 and --warmup-frac in [0, 1)")
 
 
+SETUP_KEYS = ("train_tokens", "val_tokens", "tokenizer_sha256", "hidden", "seq_len", "batch_size")
+
+
+def merge_results(results: dict, other: Path) -> None:
+    """Runs made elsewhere (another worktree or machine) on the same data and shapes, added by id."""
+    theirs = json.loads(Path(other).read_text())
+    mine = results.get("setup")
+    if mine and any(mine.get(k) != theirs.get("setup", {}).get(k) for k in SETUP_KEYS):
+        raise RevLLMError(f"{other} holds runs of a different setup (data, tokenizer or shapes); not merged")
+    results.setdefault("setup", theirs.get("setup"))
+    results.setdefault("runs", {}).update(theirs.get("runs", {}))
+    for phase, cmd in theirs.get("commands", {}).items():
+        results.setdefault("commands", {})[phase] = cmd
+    for r in theirs.get("runs", {}).values():  # older files kept one command: it names its runs' phase
+        if r.get("command"):
+            results.setdefault("commands", {})[r["phase"]] = r["command"]
+
+
 def _summary(res: dict) -> str:
     mem = f"act {res['activation_mib']:.1f} MiB, peak {res['peak_rss_mib']:,.0f} MiB"
     if "val_loss" not in res:  # a memory-phase run
@@ -802,7 +822,9 @@ def main(argv=None) -> int:
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"runs": {}}
     vocab = 49152 if args.tokenizer == "smollm2" else args.vocab
     check_args(args)
-    if args.report:
+    if args.merge:
+        merge_results(results, args.merge)
+    if args.report or args.merge:
         if not results["runs"]:
             raise RevLLMError(f"{res_path} holds no runs to report")
         write_all(prefix, results)
@@ -835,10 +857,7 @@ def main(argv=None) -> int:
         "zero_shot_task": args.zero_shot_task,
     }
     old = results.get("setup")
-    if old and any(
-        old.get(k) != setup[k]
-        for k in ("train_tokens", "val_tokens", "tokenizer_sha256", "hidden", "seq_len", "batch_size")
-    ):
+    if old and any(old.get(k) != setup[k] for k in SETUP_KEYS):
         raise RevLLMError(
             f"{res_path} holds runs of a different setup (data, tokenizer or shapes): use another --results"
         )

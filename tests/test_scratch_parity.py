@@ -102,7 +102,11 @@ def test_tune_grid_covers_rule_settings_and_lr():
     }
     for s in grid:  # the runs users would make: memory-free + exact for the reversible rules
         rev = s["rule"] in sp.REVERSIBLE
-        assert s["train"]["memory_free"] == rev and s["model_extra"].get("exact_reversal", False) == rev
+        assert (
+            s["train"]["memory_free"] == rev
+            and s["train"]["exact_reversal"] == rev
+            and "exact_reversal" not in s["model_extra"]
+        )
 
 
 def test_final_phase_takes_best_tuned_setting():
@@ -261,3 +265,22 @@ def test_verdict_names_the_seed_count_and_shows_a_spread_only_across_seeds():
     two = {"runs": {**one["runs"], "c": run("euler", 1, 4.2), "d": run("leapfrog", 1, 4.3)}}
     (line,) = sp.verdicts(sp.grouped(two, "final"))
     assert "leapfrog 4.1300 ± 0.2404 vs euler 4.1000 ± 0.1414 (+0.73%, 2 vs 2 seeds): within 1% of euler." in line
+
+
+def test_merge_adds_runs_made_elsewhere_and_refuses_another_setup(tmp_path):
+    args = _args(tmp_path, "--rules", "leapfrog", "--zero-shot-task", "", "--phase", "memory")
+    assert sp.main(args) == 0
+    res = tmp_path / "res" / "sp.json"
+    mine = json.loads(res.read_text())
+    other = dict(mine, runs={"memory-x": dict(next(iter(mine["runs"].values())), id="memory-x", layers=5)})
+    other["commands"] = {"final": "the other command"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert sp.main(args + ["--merge", str(tmp_path / "other.json")]) == 0
+    merged = json.loads(res.read_text())
+    assert (
+        set(merged["runs"]) == set(mine["runs"]) | {"memory-x"} and merged["commands"]["final"] == "the other command"
+    )
+    bad = dict(other, setup=dict(other["setup"], hidden=64))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(RevLLMError, match="different setup"):
+        sp.main(args + ["--merge", str(tmp_path / "bad.json")])
