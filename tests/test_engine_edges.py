@@ -250,3 +250,85 @@ def test_chunks_are_recomputed_whenever_anything_needs_a_gradient(monkeypatch, f
     with torch.no_grad():
         loss_mod.chunked_causal_lm_loss(hidden, head, torch.randint(0, 13, (2, 9)), 10)
     assert sorted(calls) == [6, 10]
+
+
+def test_midpoint_a_coefficients_follow_a_loaded_state_dict():
+    """load_state_dict after a forward (the float cache of a_j is filled) replaces the coefficients."""
+    model = tiny_model(dynamics="midpoint_a", midpoint_a=[0.5, -0.5], layers=2)
+    ids = torch.randint(0, 97, (1, 4))
+    model(ids)  # fills the cache
+    state = model.state_dict()
+    state["dynamics.a"] = torch.tensor([0.75, 1.25], dtype=torch.float64)
+    model.load_state_dict(state)
+    assert model.dynamics.coefficients(1) == (1.25, -0.25, model.dynamics.h)
+
+
+def test_midpoint_a_to_returns_the_module_with_float64_coefficients():
+    dyn = _rule("midpoint_a", midpoint_a=[0.3, -0.7])
+    assert dyn.to(torch.bfloat16) is dyn  # Module.to returns the module (chained calls)
+    assert dyn.a.dtype == torch.float64 and dyn.a.tolist() == [0.3, -0.7]
+
+
+def test_midpoint_a_follows_the_module_to_another_device():
+    dyn = _rule("midpoint_a", midpoint_a=[0.3, -0.7]).to("meta")
+    assert dyn.a.device.type == "meta" and dyn.a.dtype == torch.float64
+
+
+def test_midpoint_a_seeded_draw_is_reproducible():
+    """a_j = s_j + u_j (s_j = -1 where a float64 uniform draw is < 1/2, else +1; u_j = a second float64
+    uniform - 1/2), from torch.Generator().manual_seed(midpoint_a_seed): pinned values, so that a model
+    rebuilt from its config (HF's init path re-draws a) gets the same coefficients in every version."""
+    from revllm.dynamics.midpoint import draw_midpoint_a
+
+    cfg = tiny_config(dynamics="midpoint_a", layers=6, midpoint_a_seed=7)
+    assert draw_midpoint_a(cfg) == [
+        -1.2052878919871164,
+        -0.9392784026278445,
+        1.2630434112121387,
+        1.2593572272132831,
+        0.5630211204535751,
+        0.5575558332630387,
+    ]
+    cfg = tiny_config(dynamics="midpoint_a", layers=6, midpoint_a_seed=7, midpoint_a_dyadic_bits=3)
+    assert draw_midpoint_a(cfg) == [-1.25, -1.0, 1.25, 1.25, 0.625, 0.5]  # the draw above rounded to m/8
+
+
+# -- drift monitor -------------------------------------------------------------------------------------
+def _per_layer_warnings(model, ids):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        model(ids, labels=ids).loss.backward()
+    return [str(w.message) for w in rec if "per-layer drift" in str(w.message)]
+
+
+def test_per_layer_drift_warns_only_strictly_above_the_threshold():
+    """A drift equal to drift_threshold is within it (no warning); just below the drift, it warns."""
+    model = tiny_model(dynamics="leapfrog", layers=4, drift_monitor=True, drift_threshold=1.0).train()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert _per_layer_warnings(model, ids) == []
+    worst = max(model.drift_monitor.last_per_layer)
+    assert worst > 0  # float reconstruction drifts (deterministically, run to run)
+    model.config.drift_threshold = worst
+    assert _per_layer_warnings(model, ids) == []
+    assert max(model.drift_monitor.last_per_layer) == worst
+    model.config.drift_threshold = worst * (1 - 1e-6)
+    assert _per_layer_warnings(model, ids) == [
+        f"reversible backward: per-layer drift {worst:.3g} > drift_threshold {worst * (1 - 1e-6):g}"
+    ]
+
+
+def test_fallback_warning_names_it_and_every_fallback_is_counted():
+    model = tiny_model(
+        dynamics="leapfrog", layers=4, drift_monitor=True, drift_threshold=1e-12, drift_fallback=True
+    ).train()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    for step in (1, 2):
+        msgs = _per_layer_warnings(model, ids)
+        worst = max(model.drift_monitor.last_per_layer)
+        assert msgs == [
+            f"reversible backward: per-layer drift {worst:.3g} > drift_threshold 1e-12; "
+            "fell back to the stored states for this step"
+        ]
+        assert model.drift_monitor.fallbacks == step
