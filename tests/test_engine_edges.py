@@ -1,13 +1,17 @@
 """Edge contracts of the dynamics protocol, the engine and the loss that the rest of the suite let through:
 each test here kills mutants that survived mutmut (docs/mutation.md lists them by name)."""
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 
 from revllm.dynamics import DYNAMICS, Dynamics
 from revllm.engine import Stack, run_stack
 from revllm.engine.function import initial_state
+from revllm.modeling.loss import chunked_causal_lm_loss
 
 
 def _rule(name, layers=2, **kw):
@@ -216,10 +220,6 @@ def test_midpoint_a_coefficients_follow_a_replaced_buffer():
 @pytest.mark.parametrize("chunk", [4, 64])
 def test_low_precision_logits_get_an_fp32_softmax(dtype, chunk):
     """fp16 / bf16 logits are cast to fp32 before the cross-entropy (as HF does), in both loss paths."""
-    import torch.nn.functional as F
-
-    from revllm.modeling.loss import chunked_causal_lm_loss
-
     g = torch.Generator().manual_seed(5)
     hidden = (3 * torch.randn(2, 9, 8, generator=g)).to(dtype)
     head = torch.nn.Linear(8, 50, bias=False).to(dtype)
@@ -244,7 +244,9 @@ def test_chunks_are_recomputed_whenever_anything_needs_a_gradient(monkeypatch, f
     hidden = torch.randn(2, 9, 8, requires_grad=frozen == "head")
     head = torch.nn.Linear(8, 13)
     head.requires_grad_(frozen == "hidden")
-    loss_mod.chunked_causal_lm_loss(hidden, head, torch.randint(0, 13, (2, 9)), 10).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "use_reentrant should be passed explicitly": no noise per step
+        loss_mod.chunked_causal_lm_loss(hidden, head, torch.randint(0, 13, (2, 9)), 10).backward()
     assert sorted(calls) == [6, 6, 10, 10]
     calls.clear()
     with torch.no_grad():
@@ -293,10 +295,40 @@ def test_midpoint_a_seeded_draw_is_reproducible():
     assert draw_midpoint_a(cfg) == [-1.25, -1.0, 1.25, 1.25, 0.625, 0.5]  # the draw above rounded to m/8
 
 
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_loss_uses_the_heads_bias(chunk):
+    """An LM head with a bias (GPT-2 style heads may have one): logits = h W^T + b in both loss paths."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(8, 13, dtype=torch.float64)
+    torch.nn.init.normal_(head.bias, std=2.0)
+    labels = torch.randint(0, 13, (2, 9), generator=g)
+    ref = F.cross_entropy(F.linear(hidden[:, :-1].reshape(-1, 8), head.weight, head.bias), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk), ref, rtol=1e-12, atol=0)
+    with torch.no_grad():  # evaluation: the chunks are not checkpointed
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk), ref, rtol=1e-12, atol=0)
+
+
+def test_chunked_loss_supports_autograd_grad():
+    """torch.autograd.grad through the chunked loss (reentrant checkpointing would refuse it)."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, 9), generator=g)
+    (chunked,) = torch.autograd.grad(chunked_causal_lm_loss(hidden, head, labels, 4), hidden)
+    (full,) = torch.autograd.grad(chunked_causal_lm_loss(hidden, head, labels, 64), hidden)
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-15)
+
+
+def test_labels_follow_the_hidden_states_device():
+    """Labels on another device than the model's output are moved to it (the meta device stands in for a GPU)."""
+    hidden = torch.randn(2, 5, 8, device="meta")
+    head = torch.nn.Linear(8, 13).to("meta")
+    assert chunked_causal_lm_loss(hidden, head, torch.randint(0, 13, (2, 5)), 100).device.type == "meta"
+
+
 # -- drift monitor -------------------------------------------------------------------------------------
 def _per_layer_warnings(model, ids):
-    import warnings
-
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         model(ids, labels=ids).loss.backward()
