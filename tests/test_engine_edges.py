@@ -388,3 +388,39 @@ def test_gradient_reaches_both_output_streams(name):
             b.w.grad = None
     for mf, ref in zip(grads[1], grads[0]):
         torch.testing.assert_close(mf, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_gradient_of_one_input_stream_alone(which):
+    """Only one of the two input streams needs a gradient (e.g. a learned x_0 over a frozen embedding): it
+    gets exactly the stored path's gradient, and the other gets none."""
+    dyn, blocks = _rule("leapfrog", layers=3), [_Block(seed) for seed in range(3)]
+    g = torch.Generator().manual_seed(9)
+    x0, y0 = (torch.randn(2, 5, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = []
+    for memory_free in (False, True):
+        x, y = x0.clone().requires_grad_(which == "x"), y0.clone().requires_grad_(which == "y")
+        x_out, y_out = run_stack(x, y, Stack(blocks=blocks, dynamics=dyn), memory_free=memory_free)
+        y_out.square().sum().backward()
+        grads.append((x.grad, y.grad))
+        for b in blocks:
+            b.w.grad = None
+    (x_ref, y_ref), (x_mf, y_mf) = grads
+    assert (x_mf is None) == (which == "y") and (y_mf is None) == (which == "x")
+    torch.testing.assert_close(x_mf if which == "x" else y_mf, x_ref if which == "x" else y_ref, rtol=1e-10, atol=0)
+
+
+def test_fused_fixed_point_initial_state_with_frozen_embeddings():
+    """initial_state="fixed_point" builds x_0 from the first layer's own evaluation; with frozen embeddings
+    (the streams need no gradient, e.g. LoRA) the memory-free parameter gradients equal the stored ones."""
+    grads = []
+    for memory_free in (False, True):
+        model = tiny_model(dynamics="midpoint", layers=3, dtype=torch.float64, initial_state="fixed_point")
+        model.config.memory_free = memory_free
+        model.get_input_embeddings().requires_grad_(False)
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(v is not None for v in grads[1].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-14)
