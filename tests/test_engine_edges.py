@@ -424,3 +424,36 @@ def test_fused_fixed_point_initial_state_with_frozen_embeddings():
     assert grads[0].keys() == grads[1].keys() and all(v is not None for v in grads[1].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-14)
+
+
+def test_per_layer_state_copies_only_with_the_per_layer_monitor(monkeypatch):
+    """The forward keeps a copy of every state (O(depth) memory) only for the debug drift monitor."""
+    import revllm.engine.function as engine_function
+
+    seen, real = [], engine_function.walk
+    monkeypatch.setattr(engine_function, "walk", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    ids = torch.randint(0, 97, (2, 8))
+    for debug in (False, True):
+        model = tiny_model(dynamics="midpoint", layers=3, drift_monitor=debug)
+        model(ids, labels=ids).loss.backward()
+    assert seen[0] is None and isinstance(seen[1], list) and len(seen) == 2
+
+
+def test_engine_autocast_never_caches_weight_casts(monkeypatch):
+    """Under the caller's autocast the engine runs its own autocast regions with cache_enabled=False: the
+    weight-cast cache would otherwise keep a low-precision copy of every layer alive, peak memory growing
+    with depth (memory is not observable on values, so the regions' arguments are checked)."""
+    real, calls = torch.autocast, []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    model = tiny_model(dynamics="leapfrog", layers=3)
+    ids = torch.randint(0, 97, (2, 8))
+    with real("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch, "autocast", recording)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    engine = [c for c in calls if "enabled" in c and "dtype" in c]  # the engine passes its whole autocast state
+    assert len(engine) >= 2 and all(c.get("cache_enabled") is False for c in engine)
