@@ -457,3 +457,18 @@ def test_engine_autocast_never_caches_weight_casts(monkeypatch):
         loss.backward()
     engine = [c for c in calls if "enabled" in c and "dtype" in c]  # the engine passes its whole autocast state
     assert len(engine) >= 2 and all(c.get("cache_enabled") is False for c in engine)
+
+
+def test_stored_layers_without_a_drift_monitor():
+    """run_stack used directly (no drift monitor): a stored layer's kept input is found by the backward."""
+    dyn, blocks = _rule("leapfrog", layers=3, stored_layers=[1]), [_Block(seed) for seed in range(3)]
+    y0 = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    grads = []
+    for memory_free in (False, True):
+        y = y0.clone().requires_grad_(True)
+        run_stack(y, y, Stack(blocks=blocks, dynamics=dyn), memory_free=memory_free)[1].square().sum().backward()
+        grads.append([y.grad] + [b.w.grad.clone() for b in blocks])
+        for b in blocks:
+            b.w.grad = None
+    for mf, ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mf, ref, rtol=1e-10, atol=1e-13)
