@@ -4,6 +4,8 @@
 #   bash scripts/mutation.sh bugs      # the issue-21 table's deliberate bugs, each on a scratch copy (~10 min)
 #   bash scripts/mutation.sh mutmut    # mutmut over [tool.mutmut] in pyproject.toml (hours on 2 cores)
 #   bash scripts/mutation.sh results   # mutmut's per-mutant status after a run
+#   bash scripts/mutation.sh core [GLOB...]  # the method's modules only, fast runner, scratch copy (docs/mutation.md)
+#   bash scripts/mutation.sh core-results    # its per-mutant status
 #
 # `bugs` copies the tree to a temporary directory per bug, applies one exact text replacement (the script
 # stops if the text is not found, so a refactor cannot silently make a bug vacuous), runs the fast tests
@@ -23,6 +25,41 @@ mutmut)
   ;;
 results)
   "$(dirname "$PY")/mutmut" results --all true
+  ;;
+core|core-results)
+  # The method's modules only (engine/function.py, modeling/loss.py, dynamics/ but fixedpoint.py), with the
+  # fast test files that exercise them, in a scratch copy (MUTMUT_DIR) so the tree can change meanwhile.
+  # Optional arguments: mutant-name globs, e.g. "revllm.engine.function.x__backward*" (mutmut resumes).
+  DIR="${MUTMUT_DIR:-/tmp/revllm-mutmut-core}"
+  if [ "$1" = core ]; then
+    shift
+    mkdir -p "$DIR"
+    rm -rf "$DIR/revllm" "$DIR/tests"
+    cp -r revllm tests "$DIR/"
+    "$PY" - "$DIR/pyproject.toml" <<'PYEOF'
+import re, sys
+text = open("pyproject.toml").read()
+core = """[tool.mutmut]
+source_paths = ["revllm/"]
+only_mutate = ["revllm/engine/function.py", "revllm/modeling/loss.py", "revllm/dynamics/base.py",
+               "revllm/dynamics/euler.py", "revllm/dynamics/hamiltonian.py", "revllm/dynamics/leapfrog.py",
+               "revllm/dynamics/midpoint.py"]
+use_git_change_detection = false
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow"]
+pytest_add_cli_args_test_selection = [
+  "tests/test_oracles.py", "tests/test_engine.py", "tests/test_exact.py", "tests/test_layer_terms.py",
+  "tests/test_fixedpoint.py", "tests/test_dynamics_protocol.py", "tests/test_model.py", "tests/test_speed_paths.py",
+  "tests/test_engine_edges.py", "-k", "not cli_ and not fsdp and not lora",
+]
+
+"""
+text, n = re.subn(r"\[tool\.mutmut\].*?(?=\n# Lint and format)", core, text, flags=re.S)
+assert n == 1, "[tool.mutmut] block not found in pyproject.toml"
+open(sys.argv[1], "w").write(text)
+PYEOF
+    (cd "$DIR" && nice -n 15 "$(dirname "$PY")/mutmut" run --max-children "${MUTMUT_CHILDREN:-1}" "$@") || true
+  fi
+  (cd "$DIR" && "$(dirname "$PY")/mutmut" results --all true)
   ;;
 bugs)
   shift || true
@@ -121,7 +158,7 @@ sys.exit(0 if all(s == "KILLED" for _, s, _, _ in rows) else 1)
 EOF
   ;;
 *)
-  echo "usage: $0 [bugs [NAME-SUBSTRING ...] | mutmut | results]" >&2
+  echo "usage: $0 [bugs [NAME-SUBSTRING ...] | mutmut | results | core [MUTANT-GLOB ...] | core-results]" >&2
   exit 2
   ;;
 esac

@@ -88,12 +88,15 @@ def test_stored_layers_are_the_residual_layers():
         assert not torch.allclose(one(ids).logits, pure(ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("dynamics", ["midpoint", "midpoint_a"])
-def test_exact_mode_stored_layers_and_terms_bitwise(dynamics):
+def test_exact_mode_stored_layers_and_terms_bitwise(dynamics, dtype):
     """Exact reversal with stored layers and layer terms: memory-free gradients equal the stored reference
-    bit for bit."""
+    bit for bit (float64: the held states are decoded to the model's dtype, not float32, for the terms)."""
     extra = dict(midpoint_a=0.25) if dynamics == "midpoint_a" else {}
-    model = tiny_model(dynamics=dynamics, layers=4, exact_reversal=True, stored_layers=[2], **extra).train()
+    model = tiny_model(
+        dynamics=dynamics, layers=4, exact_reversal=True, stored_layers=[2], dtype=dtype, **extra
+    ).train()
     ids = torch.randint(0, 97, (2, 12))
     fn = _layer_loss(_targets(4, (2, 12, 32)))
     ref = _grads(model, ids, False, fn)

@@ -249,83 +249,89 @@ class ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the reconstruction is not itself differentiated
     def backward(ctx, g_y, g_z, g_loss=None):
-        stack: Stack = ctx.stack
-        dyn, streams = stack.dynamics, ctx.streams
-        # The stored reference and the per-layer drift check drop their per-layer state as the backward
-        # walks down (that is what keeps the peak flat), so a second backward cannot be served.
-        if any(k is None for k in ctx.kept) or any(s is None for s in ctx.states):
-            raise RuntimeError(
-                "reversible stack: backward through the same forward a second time is not "
-                "supported in stored or per-layer-drift mode (its per-layer state was freed by "
-                "the first backward, even with retain_graph=True); run the forward again"
-            )
-        Y, Z, *rest = ctx.saved_tensors  # held pair (older, newest) [, the stack's inputs] [, stored inputs]
-        inputs, kept_x = rest[: ctx.n_inputs], dict(zip(ctx.kept_x_at, rest[ctx.n_inputs :]))
-        mon = ctx.mon
-        per_layer = mon is not None and mon.per_layer and bool(ctx.states)
-        zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
-        g_y = zeros() if g_y is None else g_y
-        g_z = zeros() if g_z is None else g_z
-        steps = list(stack.substeps())
-        want_input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        rels, fell_back = [], False
-        with torch.autocast(**ctx.autocast):
-            for i in range(len(steps) - 1, -1, -1):
-                j, block, part = steps[i]
-                a, b, c = dyn.layer_coefficients(j)
-                if stack.layer_loss is not None and g_loss is not None and stack.ends_layer(part):
-                    z = None if ctx.store else streams.decode(Z, ctx.dtype)
-                    g_z = g_z + _layer_grad(ctx, stack, i, j, z, g_loss).to(g_z.dtype)
-                if ctx.store:
-                    y_in, fy = ctx.kept[i]
-                    ctx.kept[i] = None
-                else:
-                    # At the bottom the held y is an input stream: skip its vector-Jacobian product
-                    # when the caller needs no input gradient.
-                    need_gy = i > 0 or want_input_grad
-                    y_in = streams.decode(Y, ctx.dtype).detach().requires_grad_(need_gy)
-                    with torch.enable_grad():
-                        if stack.preserve_rng:
-                            with rng.replay(ctx.rng_states[i], y_in.device):
-                                fy = stack.f(block, part, y_in, j)
-                        else:
-                            fy = stack.f(block, part, y_in, j)
-                    X = kept_x.pop(i) if i in kept_x else streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
-                    if per_layer:
-                        ref = ctx.states[i]
-                        rels.append(relative_error(X, ref))
-                        if fell_back or (mon.fallback and mon.exceeded(rels[-1])):
-                            fell_back, X = True, ref  # continue from the stored states
-                        ctx.states[i] = None
-                g_x = _mul(a, g_z)
-                g_f = _mul(c, g_z)
-                if i == 0 and stack.initial_h is not None:
-                    # x_0 = y_0 - h f_0(y_0) came from this very evaluation: one VJP carries both uses.
-                    g_f = g_f - stack.initial_h * g_x
-                if fy.requires_grad:
-                    torch.autograd.backward(fy, g_f.to(fy.dtype))
-                del fy  # frees this layer's graph before the next
-                g_in = y_in.grad if y_in.requires_grad else None
-                if i == 0 and stack.initial_h is not None:
-                    g_in = g_x if g_in is None else g_in.to(g_x.dtype) + g_x  # dx_0/dy_0 = I
-                    g_x = None
-                g_y_new = g_y if g_in is None else g_in.to(g_y.dtype).add_(g_y)
-                if torch.is_tensor(b) or b != 0:  # (a 0-d tensor coefficient always contributes)
-                    g_y_new = g_y_new + _mul(b, g_z)
-                if not ctx.store:
-                    Y, Z = X, Y
-                g_y, g_z = g_x, g_y_new
-        if mon is not None:
-            _report(mon, streams, (Y, Z), inputs, rels, fell_back)
-        # g_y, g_z are now the gradients of the input pair (x_0, y_0).
-        return (
-            g_y if ctx.needs_input_grad[0] else None,
-            g_z if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
+        return _backward(ctx, g_y, g_z, g_loss)
+
+
+def _backward(ctx, g_y, g_z, g_loss):
+    """The reversible backward (module docstring). A plain function, not the decorated method itself: mutmut
+    does not mutate decorated functions, and this is the code mutation testing most needs to reach."""
+    stack: Stack = ctx.stack
+    dyn, streams = stack.dynamics, ctx.streams
+    # The stored reference and the per-layer drift check drop their per-layer state as the backward
+    # walks down (that is what keeps the peak flat), so a second backward cannot be served.
+    if any(k is None for k in ctx.kept) or any(s is None for s in ctx.states):
+        raise RuntimeError(
+            "reversible stack: backward through the same forward a second time is not "
+            "supported in stored or per-layer-drift mode (its per-layer state was freed by "
+            "the first backward, even with retain_graph=True); run the forward again"
         )
+    Y, Z, *rest = ctx.saved_tensors  # held pair (older, newest) [, the stack's inputs] [, stored inputs]
+    inputs, kept_x = rest[: ctx.n_inputs], dict(zip(ctx.kept_x_at, rest[ctx.n_inputs :]))
+    mon = ctx.mon
+    per_layer = mon is not None and mon.per_layer and bool(ctx.states)
+    zeros = lambda: torch.zeros(Y.shape, dtype=ctx.dtype, device=Y.device)  # noqa: E731
+    g_y = zeros() if g_y is None else g_y
+    g_z = zeros() if g_z is None else g_z
+    steps = list(stack.substeps())
+    want_input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    rels, fell_back = [], False
+    with torch.autocast(**ctx.autocast):
+        for i in range(len(steps) - 1, -1, -1):
+            j, block, part = steps[i]
+            a, b, c = dyn.layer_coefficients(j)
+            if stack.layer_loss is not None and g_loss is not None and stack.ends_layer(part):
+                z = None if ctx.store else streams.decode(Z, ctx.dtype)
+                g_z = g_z + _layer_grad(ctx, stack, i, j, z, g_loss).to(g_z.dtype)
+            if ctx.store:
+                y_in, fy = ctx.kept[i]
+                ctx.kept[i] = None
+            else:
+                # At the bottom the held y is an input stream: skip its vector-Jacobian product
+                # when the caller needs no input gradient.
+                need_gy = i > 0 or want_input_grad
+                y_in = streams.decode(Y, ctx.dtype).detach().requires_grad_(need_gy)
+                with torch.enable_grad():
+                    if stack.preserve_rng:
+                        with rng.replay(ctx.rng_states[i], y_in.device):
+                            fy = stack.f(block, part, y_in, j)
+                    else:
+                        fy = stack.f(block, part, y_in, j)
+                X = kept_x.pop(i) if i in kept_x else streams.inverse(j, Y, Z, fy.detach(), ctx.sides[i])
+                if per_layer:
+                    ref = ctx.states[i]
+                    rels.append(relative_error(X, ref))
+                    if fell_back or (mon.fallback and mon.exceeded(rels[-1])):
+                        fell_back, X = True, ref  # continue from the stored states
+                    ctx.states[i] = None
+            g_x = _mul(a, g_z)
+            g_f = _mul(c, g_z)
+            if i == 0 and stack.initial_h is not None:
+                # x_0 = y_0 - h f_0(y_0) came from this very evaluation: one VJP carries both uses.
+                g_f = g_f - stack.initial_h * g_x
+            if fy.requires_grad:
+                torch.autograd.backward(fy, g_f.to(fy.dtype))
+            del fy  # frees this layer's graph before the next
+            g_in = y_in.grad if y_in.requires_grad else None
+            if i == 0 and stack.initial_h is not None:
+                g_in = g_x if g_in is None else g_in.to(g_x.dtype) + g_x  # dx_0/dy_0 = I
+                g_x = None
+            g_y_new = g_y if g_in is None else g_in.to(g_y.dtype).add_(g_y)
+            if torch.is_tensor(b) or b != 0:  # (a 0-d tensor coefficient always contributes)
+                g_y_new = g_y_new + _mul(b, g_z)
+            if not ctx.store:
+                Y, Z = X, Y
+            g_y, g_z = g_x, g_y_new
+    if mon is not None:
+        _report(mon, streams, (Y, Z), inputs, rels, fell_back)
+    # g_y, g_z are now the gradients of the input pair (x_0, y_0).
+    return (
+        g_y if ctx.needs_input_grad[0] else None,
+        g_z if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _sum(terms, like):
