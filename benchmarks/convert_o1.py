@@ -341,7 +341,7 @@ def report(args):
         rule = r["dynamics"] + (f" k={r['k']}" if r.get("k") is not None else "")
         md.append(
             f"| {name}{' (partial)' if r.get('partial') else ''} | {rule} | {r['hard_layers'] or '–'} | "
-            f"{r['layer_weight']:g}→{r['layer_weight_end']:g} | {r['lr']:g} | " + " | ".join(cells) + " |"
+            f"{r['layer_weight']:g}→{r['layer_weight_end']:g} | {_lr_cell(r)} | " + " | ".join(cells) + " |"
         )
     md += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in runs.values())]
     # frontier at the 12,800-token budget: average bits per element per layer vs quality
@@ -397,6 +397,17 @@ def report(args):
     )
     (RESULTS / "convert_o1.md").write_text("\n".join(md) + "\n")
     _plot(runs, front, original, budget)
+
+
+def _lr_cell(r: dict) -> str:
+    end = r.get("recipe", {}).get("lr_end")
+    if end is None:
+        return f"{r['lr']:g}"
+    b = r.get("branch")
+    since = (
+        f" from {b['step'] * r['recipe']['batch_size'] * r['recipe']['seq_len']:,} tokens ({b['parent']})" if b else ""
+    )
+    return f"{r['lr']:g} → {end:g}{since}"
 
 
 def _plot(runs, front, original, budget):
