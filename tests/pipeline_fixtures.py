@@ -84,3 +84,11 @@ def tiny_train_config(token_dir, out, **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+# A tiny hamiltonian run for the multi-process tests (`revllm train` flags; add --data, --out, --parallel).
+DIST = (
+    "--layers 2 --hidden 32 --heads 4 --kv-heads 2 --seq-len 32 --max-steps 4 --warmup 2 --lr 3e-3 --eval-interval 2 "
+    "--eval-iters 2 --checkpoint-interval 2 --keep-last 0 --log-interval 1 --no-progress --loss-chunk-size 32 "
+    "--dynamics hamiltonian --batch-size 2"
+).split()

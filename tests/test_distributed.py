@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from pipeline_fixtures import corpus_dir, tiny_tokenizer, token_dir  # noqa: F401  (revllm train fixtures)
+from pipeline_fixtures import DIST, corpus_dir, tiny_tokenizer, token_dir  # noqa: F401  (revllm train fixtures)
 
 from revllm.errors import CheckpointError, RevLLMError
 from revllm.parallel import load_sharded, parallelize, save_sharded
@@ -255,45 +255,7 @@ def test_revllm_train_under_torchrun_matches_one_process_and_resumes(tmp_path, t
     from revllm.io import load_model
     from revllm.train import train
 
-    common = [
-        "--data",
-        token_dir,
-        "--layers",
-        2,
-        "--hidden",
-        32,
-        "--heads",
-        4,
-        "--kv-heads",
-        2,
-        "--seq-len",
-        32,
-        "--max-steps",
-        4,
-        "--warmup",
-        2,
-        "--lr",
-        3e-3,
-        "--eval-interval",
-        2,
-        "--eval-iters",
-        2,
-        "--checkpoint-interval",
-        2,
-        "--keep-last",
-        0,
-        "--log-interval",
-        1,
-        "--no-progress",
-        "--loss-chunk-size",
-        32,
-        "--dynamics",
-        "hamiltonian",
-        "--batch-size",
-        2,
-        "--parallel",
-        mode,
-    ]
+    common = ["--data", token_dir, *DIST, "--parallel", mode]
     run = tmp_path / "run"
     _revllm_train(2, *common, "--out", run)
     full = _rows(run)

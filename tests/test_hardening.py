@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import corpus_dir, tiny_tokenizer, tiny_train_config, token_dir  # noqa: F401
+from pipeline_fixtures import DIST, corpus_dir, tiny_tokenizer, tiny_train_config, token_dir  # noqa: F401
 
 from revllm import io as rio
 from revllm.cli import main
@@ -317,43 +317,6 @@ def _launch(nproc, *args):
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout, r.stderr
-
-
-DIST = [
-    "--layers",
-    2,
-    "--hidden",
-    32,
-    "--heads",
-    4,
-    "--kv-heads",
-    2,
-    "--seq-len",
-    32,
-    "--max-steps",
-    4,
-    "--warmup",
-    2,
-    "--lr",
-    3e-3,
-    "--eval-interval",
-    2,
-    "--eval-iters",
-    2,
-    "--checkpoint-interval",
-    2,
-    "--keep-last",
-    0,
-    "--log-interval",
-    1,
-    "--no-progress",
-    "--loss-chunk-size",
-    32,
-    "--dynamics",
-    "hamiltonian",
-    "--batch-size",
-    2,
-]
 
 
 @pytest.mark.slow
