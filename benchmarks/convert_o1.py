@@ -101,6 +101,13 @@ def _recipe(args) -> dict:
     return r | {"branch_from": str(args.branch_from) if args.branch_from else None}
 
 
+def recipe_diff(theirs: dict, mine: dict, ignore=()) -> list[str]:
+    """The recipe keys on which a checkpoint's run and this one differ. A key added to RECIPE after that
+    run was written (lr_end, branch_from) was None there, its default, so older checkpoints still resume."""
+    theirs = dict.fromkeys(RECIPE) | {"source": "smollm2"} | theirs
+    return sorted(k for k, v in mine.items() if k not in ignore and theirs.get(k) != v)
+
+
 def _branch(args):
     """(student, optimizer state, rng states, result so far, step) of the checkpoint ``--branch-from`` names:
     a new run that continues another one's student, AdamW moments and data position under another schedule."""
@@ -108,7 +115,7 @@ def _branch(args):
     meta, opt_state, rng = load_trainer_state(ckpt)
     parent = meta["res"]["recipe"]
     mine = _recipe(args)
-    diff = sorted(k for k in mine if k not in SCHEDULE and parent.get(k) != mine[k])
+    diff = recipe_diff(parent, mine, ignore=SCHEDULE)
     if diff:
         raise SystemExit(f"convert_o1: --branch-from {ckpt} was run with other settings ({', '.join(diff)})")
     step = meta["step"]
@@ -144,8 +151,8 @@ def _resume(args, run_dir):
     if ckpt is None:
         return None
     meta, opt_state, rng = load_trainer_state(ckpt)
-    if meta["res"]["recipe"] != _recipe(args):
-        diff = sorted(k for k, v in _recipe(args).items() if meta["res"]["recipe"].get(k) != v)
+    diff = recipe_diff(meta["res"]["recipe"], _recipe(args))
+    if diff:
         raise SystemExit(f"convert_o1: {run_dir} was run with other settings ({', '.join(diff)}); refusing to resume")
     return load_model(ckpt / "model"), opt_state, rng, meta["res"], meta["step"]
 

@@ -129,3 +129,47 @@ def test_peak_reset_and_peak():
         pytest.skip("no /proc/self/clear_refs here")
     assert memory.peak_rss_bytes() <= high - 30_000_000
     assert memory.peak_memory("cpu")["peak_rss_bytes"] == memory.peak_rss_bytes()
+
+
+def test_allocator_table_runs_each_setting_under_its_environment():
+    from revllm.bench.allocator import allocator_table
+    from revllm.bench.configs import Spec
+
+    seen = []
+
+    def worker(job, env):
+        seen.append((job["layers"], job["allocator"], env))
+        return {"ok": True, "peak_bytes": 100 * job["layers"], "rss_before_bytes": 10}
+
+    tun = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+    res = allocator_table(
+        ["midpoint"], [4, 8], Spec(d=8, heads=2), 1, {"je": "/x/je.so"}, settings={"mmap1m": tun}, threads=1, worker=worker
+    )
+    assert res["setup"]["allocators"] == ["system", "revllm", "je", "mmap1m"]
+    assert res["setup"]["settings"] == {"mmap1m": tun}
+    one = {"OMP_NUM_THREADS": "1"}
+    assert seen[:4] == [
+        (4, "system", one),
+        (4, "revllm", one),
+        (4, "system", {"LD_PRELOAD": "/x/je.so", **one}),
+        (4, "system", {**tun, **one}),  # glibc's own tunable, revllm's setting not applied on top
+    ]
+    assert [r["growth_bytes"] for r in res["rows"]] == [390] * 4 + [790] * 4
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("mmap1m", "give NAME=MALLOC_VAR"),
+        ("mmap1m=LD_PRELOAD=/x.so", "give NAME=MALLOC_VAR"),
+        ("mmap1m=MALLOC_MMAP_THRESHOLD_=", "give NAME=MALLOC_VAR"),
+        ("revllm=MALLOC_MMAP_THRESHOLD_=1", "already used"),
+    ],
+)
+def test_allocator_setting_flag_refuses_bad_input(bad, why, tmp_path, capsys):
+    from revllm import cli
+
+    code = cli.main(["bench", "allocator", "--setting", bad, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and why in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # refused before any row ran

@@ -308,3 +308,21 @@ def test_convert_o1_benchmark_branch_continues_another_runs_checkpoint(monkeypat
     assert decay["recipe"]["lr_end"] == 3e-4 and decay["name"] == "decay"
     with pytest.raises(SystemExit, match="other settings \\(dynamics\\)"):
         run("bad", "--run-dir", str(tmp_path / "bad"), "--branch-from", str(ckpt), "--dynamics", "midpoint")
+
+
+def test_convert_o1_benchmark_resumes_a_checkpoint_older_than_a_recipe_key():
+    """A checkpoint written before --lr-end and --branch-from existed has no such keys; they were None then,
+    so it resumes (the 409,600-token run did) unless a key really differs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
+    spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mine = dict.fromkeys(mod.RECIPE) | {"dynamics": "leapfrog", "lr": 3e-4, "source": "smollm2"}
+    old = {k: v for k, v in mine.items() if k not in ("lr_end", "branch_from")}
+    assert mod.recipe_diff(old, mine) == []
+    assert mod.recipe_diff(old, mine | {"lr_end": 3e-5}) == ["lr_end"]
+    assert mod.recipe_diff(old | {"lr": 1e-3}, mine) == ["lr"]
+    assert mod.recipe_diff(old | {"lr": 1e-3}, mine | {"lr_end": 1.0}, ignore=mod.SCHEDULE) == []

@@ -3,7 +3,8 @@
 Each row is a fresh process running ``steps`` AdamW steps from cold (the worker's ``train`` task), with
   ``system``   glibc malloc as it comes (its dynamic mmap threshold),
   ``revllm``   ``revllm.memory.configure_allocator`` (what revllm train / finetune / convert apply),
-  ``<name>``   for each ``--preload NAME=PATH``: that allocator via LD_PRELOAD (e.g. Debian's libjemalloc2).
+  ``<name>``   for each ``--preload NAME=PATH``: that allocator via LD_PRELOAD (e.g. Debian's libjemalloc2),
+               and for each ``--setting NAME=VAR=VALUE``: glibc malloc under those MALLOC_* tunables.
 The settings run one after another for each (configuration, depth), so their step times are interleaved
 and comparable on a shared machine. Growth = peak RSS minus the RSS of the built model (grads allocated).
 """
@@ -20,10 +21,21 @@ from .process import spawn
 
 
 def allocator_table(
-    configs, depths, base: Spec, steps: int, preloads: dict, threads=None, command="", worker=spawn, on_row=None
+    configs,
+    depths,
+    base: Spec,
+    steps: int,
+    preloads: dict,
+    settings=None,
+    threads=None,
+    command="",
+    worker=spawn,
+    on_row=None,
 ) -> dict:
     variants = [("system", "system", {}), ("revllm", "revllm", {})]
     variants += [(name, "system", {"LD_PRELOAD": path}) for name, path in preloads.items()]
+    # glibc reads MALLOC_*_ tunables at start-up; configure_allocator leaves such a process alone.
+    variants += [(name, "system", dict(env)) for name, env in (settings or {}).items()]
     extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     setup = {
         **{k: v for k, v in base.to_dict().items() if k not in ("config", "layers")},
@@ -31,6 +43,7 @@ def allocator_table(
         "steps": steps,
         "allocators": [v[0] for v in variants],
         "preloads": preloads,
+        "settings": settings or {},
         "threads": threads,
     }
     rows = []

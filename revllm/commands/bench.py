@@ -97,6 +97,14 @@ def _add_model_tables(sub):
         metavar="NAME=PATH",
         help="also measure this allocator via LD_PRELOAD (e.g. jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)",
     )
+    a.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+        help="also measure glibc malloc under these environment tunables "
+        "(e.g. mmap1m=MALLOC_MMAP_THRESHOLD_=1048576,MALLOC_TRIM_THRESHOLD_=33554432)",
+    )
     a.set_defaults(func=run_allocator, d=128, seq=512, heads=4)
 
 
@@ -267,6 +275,20 @@ def run_capacity(args):
     _finish(result, args)
 
 
+def _malloc_settings(items, taken) -> dict:
+    """``--setting NAME=VAR=VALUE[,VAR=VALUE]`` -> {name: {VAR: VALUE}}; only glibc's MALLOC_* tunables."""
+    out = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        pairs = [p.partition("=") for p in rest.split(",") if p]
+        if not name or not pairs or any(not sep or not k.startswith("MALLOC_") or not v for k, sep, v in pairs):
+            raise RevLLMError(f"--setting {item!r}: give NAME=MALLOC_VAR=VALUE[,MALLOC_VAR=VALUE]")
+        if name in taken or name in out:
+            raise RevLLMError(f"--setting {item!r}: the name {name!r} is already used")
+        out[name] = {k: v for k, _, v in pairs}
+    return out
+
+
 def run_allocator(args):
     if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
         raise RevLLMError("--batch, --steps and --threads must be positive")
@@ -283,6 +305,7 @@ def run_allocator(args):
         spec,
         args.steps,
         preloads,
+        settings=_malloc_settings(args.setting, taken={"system", "revllm", *preloads}),
         threads=args.threads,
         command=_command(args),
         on_row=_saver(args),
