@@ -143,7 +143,14 @@ def test_allocator_table_runs_each_setting_under_its_environment():
 
     tun = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
     res = allocator_table(
-        ["midpoint"], [4, 8], Spec(d=8, heads=2), 1, {"je": "/x/je.so"}, settings={"mmap1m": tun}, threads=1, worker=worker
+        ["midpoint"],
+        [4, 8],
+        Spec(d=8, heads=2),
+        1,
+        {"je": "/x/je.so"},
+        settings={"mmap1m": tun},
+        threads=1,
+        worker=worker,
     )
     assert res["setup"]["allocators"] == ["system", "revllm", "je", "mmap1m"]
     assert res["setup"]["settings"] == {"mmap1m": tun}
