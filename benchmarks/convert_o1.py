@@ -14,6 +14,7 @@ Usage:
   PYTHONPATH=. python benchmarks/convert_o1.py run --name NAME --dynamics leapfrog --hard-layers auto \\
       --layer-weight 1 --layer-weight-end 0 --tokens 12800
   PYTHONPATH=. python benchmarks/convert_o1.py run --name k2 --dynamics midpoint_a --k 2 --lr 5e-5 --tokens 12800
+  PYTHONPATH=. python benchmarks/convert_o1.py run --name prog --hard-layers auto --tokens 51200 --progressive 50
   PYTHONPATH=. python benchmarks/convert_o1.py cost
   PYTHONPATH=. python benchmarks/convert_o1.py report
 """
@@ -34,7 +35,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from convert_smollm2 import kjv_text  # noqa: E402
 
 from revllm.convert import convert  # noqa: E402
-from revllm.convert.o1 import O1DistillLoss, auto_hard_layers, calibrate, parse_hard_layers  # noqa: E402
+from revllm.convert.o1 import (  # noqa: E402
+    O1DistillLoss,
+    ProgressiveConversion,
+    auto_hard_layers,
+    calibrate,
+    parse_hard_layers,
+)
 from revllm.eval import evaluate_perplexity  # noqa: E402
 from revllm.io import latest_good, load_model, save_model_atomic, smollm2_model_dir, verify  # noqa: E402
 from revllm.train.checkpoint import load_trainer_state, save_checkpoint  # noqa: E402
@@ -91,13 +98,14 @@ def build(orig, train, args):
 # What a resumed run must share with the run it continues (anything else would splice two recipes).
 RECIPE = ("dynamics", "k", "step_size", "initial_state", "hard_layers", "layer_weight", "layer_weight_end",
           "tokens", "lr", "lr_end", "warmup", "seq_len", "batch_size", "eval_tokens", "eval_seq_len",
-          "branch_from")  # fmt: skip
+          "branch_from", "progressive", "progressive_order")  # fmt: skip
 # What a branch may change from the run it branches off (the schedule); everything else must match.
 SCHEDULE = ("tokens", "lr", "lr_end", "warmup", "branch_from")
 
 
 def _recipe(args) -> dict:
     r = {k: getattr(args, k) for k in RECIPE} | {"source": str(args.source or "smollm2")}
+    r["progressive_order"] = args.progressive_order if args.progressive else None  # older runs: None
     return r | {"branch_from": str(args.branch_from) if args.branch_from else None}
 
 
@@ -178,6 +186,11 @@ def run(args):
     steps = -(-args.tokens // (args.batch_size * args.seq_len))
     ev = lambda m: evaluate_perplexity(m, held, seq_len=args.eval_seq_len, batch_size=4)["perplexity"]  # noqa: E731
     batch_rng, batch = sampler(train, args)
+    if args.progressive is not None and not 1 <= args.progressive <= steps:
+        raise SystemExit(f"convert_o1: --progressive {args.progressive} must be between 1 and the run's {steps} steps")
+    prog = None
+    if args.progressive:  # the layers switch from the residual step to the rule one by one (issue 14)
+        prog = ProgressiveConversion(orig.config.num_hidden_layers, stored, args.progressive, args.progressive_order)
     if resumed is not None:
         model, opt_state, rng, res, start = resumed
         batch_rng.set_state(rng["sampler"])
@@ -199,10 +212,12 @@ def run(args):
         for g in opt.param_groups:  # the lr of step `start` under this run's schedule
             g["lr"] = args.lr * factor(start)
         sched._last_lr = [g["lr"] for g in opt.param_groups]
-    else:
+    if prog is not None:
+        prog.apply(model, start - 1)  # the student as the last step left it (all residual before step 0)
+    if resumed is None:
         res["curve"].append({"tokens": 0, "perplexity": ev(model)})
         print(args.name, res["curve"][-1], "hard layers", stored, flush=True)
-    loss_fn = O1DistillLoss(orig, args.layer_weight, args.layer_weight_end, steps, start_step=start)
+    loss_fn = O1DistillLoss(orig, args.layer_weight, args.layer_weight_end, steps, start_step=start, progressive=prog)
     t0 = time.perf_counter() - res.get("seconds", 0.0)
     tokens = start * args.batch_size * args.seq_len
     marks = [m for m in MARKS if tokens < m < args.tokens] + [args.tokens]
@@ -217,7 +232,9 @@ def run(args):
         tokens += args.batch_size * args.seq_len
         print(
             f"{args.name} step {step + 1}/{steps} tokens {tokens} kl {met['kl']:.4f} "
-            f"layer_err {met.get('layer_err', 0):.4g} w {met['layer_weight']:.3g} {time.perf_counter() - t0:.0f}s",
+            f"layer_err {met.get('layer_err', 0):.4g} w {met['layer_weight']:.3g} "
+            + ("" if prog is None else f"residual {met['residual_layers']} ")
+            + f"{time.perf_counter() - t0:.0f}s",
             flush=True,
         )
         mark = bool(marks) and tokens >= marks[0]
@@ -231,6 +248,7 @@ def run(args):
                     "layer_weight": met["layer_weight"],
                     "kl": met["kl"],
                     "layer_err": met.get("layer_err"),
+                    **({"residual_layers": met["residual_layers"]} if prog is not None else {}),
                 }
             )
             model.train()
@@ -479,6 +497,10 @@ def main():
     ap.add_argument("--lr-end", type=float, default=None, help="run: lr falls linearly to this (default: constant)")
     ap.add_argument("--branch-from", type=Path, default=None, help="run: start from another run's checkpoint dir")
     ap.add_argument("--stop-after", type=int, default=None, help="run: stop (resumably) after this many steps")
+    ap.add_argument(
+        "--progressive", type=int, default=None, help="run: switch the layers to the rule one by one over N steps"
+    )
+    ap.add_argument("--progressive-order", default="up", choices=["up", "down"], help="run: layer 0 first, or last")
     args = ap.parse_args()
     if args.mode == "run" and not args.name:
         ap.error("run needs --name")

@@ -10,6 +10,7 @@ from test_convert import _token_dir
 from revllm.convert import convert
 from revllm.convert.o1 import (
     O1DistillLoss,
+    ProgressiveConversion,
     auto_hard_layers,
     calibrate,
     check_tokens_match,
@@ -48,6 +49,43 @@ def test_layer_weight_schedule_and_its_gradient():
     student.eval()
     loss(student, {"input_ids": _ids()})  # evaluation does not advance the schedule
     assert loss.calls == 1
+
+
+def test_progressive_schedule_switches_every_layer_but_the_hard_ones_once():
+    up = ProgressiveConversion(6, hard=[2], steps=10)
+    seen = [up.pending(s) for s in range(12)]
+    assert seen[0] == [1, 3, 4, 5] and seen[-3:] == [[], [], []]  # layer 0 switches at once; all by step 9
+    assert all(set(b) <= set(a) for a, b in zip(seen, seen[1:]))  # a switched layer never switches back
+    assert seen[4] == [4, 5]  # bottom-up: ceil(5 * 5 / 10) = 3 layers switched after 5 steps
+    assert ProgressiveConversion(6, hard=[2], steps=10, order="down").pending(4) == [0, 1]
+    assert ProgressiveConversion(6, hard=[], steps=2).pending(0) == [3, 4, 5]  # more layers than steps
+    with pytest.raises(RevLLMError, match="'up' or 'down'"):
+        ProgressiveConversion(6, hard=[], steps=2, order="sideways")
+
+
+def test_progressive_student_starts_as_the_teacher_and_ends_with_only_its_hard_layers_stored():
+    """With every layer on the residual step the leapfrog student computes the teacher's logits (float64);
+    as the loss advances the schedule the layers switch, the student differs, and the loss still trains
+    through the memory-free backward with a mix of stored and reversible layers."""
+    src = tiny_hf("llama", layers=4, dtype=torch.float64)
+    student = convert(src, dynamics="leapfrog", dtype=torch.float64, stored_layers=[1]).train()
+    ProgressiveConversion(4, hard=[1], steps=3).apply(student, -1)  # before the first switch: all residual
+    with torch.no_grad():
+        gap = (student(_ids()).logits - src(_ids()).logits).abs().max()
+        assert gap < 1e-6  # the euler conversion's own gap (HF computes RoPE tables in fp32)
+        student.dynamics.stored_layers = frozenset([1])
+        assert (student(_ids()).logits - src(_ids()).logits).abs().max() > 1e3 * gap
+    prog = ProgressiveConversion(4, hard=[1], steps=3)
+    loss = O1DistillLoss(src, layer_weight=1.0, layer_weight_end=1.0, steps=3, progressive=prog)
+    got = []
+    for _ in range(4):
+        total, met = loss(student, {"input_ids": _ids()})
+        got.append((met["residual_layers"], met["kl"], met["layer_err"]))
+        total.backward()
+    assert [g[0] for g in got] == [2, 1, 0, 0]  # 3 convertible layers, one switch per step
+    assert got[0][2] > 1e-6  # layer 0 switched at the first step already: the student left the teacher
+    assert student.dynamics.stored_layers == {1} and student.config.stored_layers == [1]
+    assert all(p.grad is not None for p in student.model.layers.parameters())
 
 
 def test_calibration_finds_a_massive_update_layer():
@@ -326,3 +364,19 @@ def test_convert_o1_benchmark_resumes_a_checkpoint_older_than_a_recipe_key():
     assert mod.recipe_diff(old, mine | {"lr_end": 3e-5}) == ["lr_end"]
     assert mod.recipe_diff(old | {"lr": 1e-3}, mine) == ["lr"]
     assert mod.recipe_diff(old | {"lr": 1e-3}, mine | {"lr_end": 1.0}, ignore=mod.SCHEDULE) == []
+
+
+def test_convert_o1_benchmark_progressive_run_starts_at_the_teacher_and_resumes_exactly(monkeypatch, tmp_path):
+    """--progressive: at 0 tokens the student is the teacher (all layers residual), so its perplexity is not
+    the converted model's; every layer is converted by the end; a resumed run mid-switch matches a whole one."""
+    run = _bench(monkeypatch, tmp_path)
+    plain = run("plain", "--run-dir", str(tmp_path / "plain"))
+    whole = run("whole", "--run-dir", str(tmp_path / "whole"), "--progressive", "4")
+    assert whole["curve"][0]["perplexity"] != plain["curve"][0]["perplexity"]
+    assert whole["curve"][-1]["residual_layers"] == 0 and whole["recipe"]["progressive_order"] == "up"
+    with pytest.raises(FileNotFoundError):
+        run("split", "--run-dir", str(tmp_path / "split"), "--progressive", "4", "--stop-after", "2")
+    split = run("split", "--run-dir", str(tmp_path / "split"), "--progressive", "4", "--resume")
+    assert split["curve"] == whole["curve"]
+    with pytest.raises(SystemExit, match="between 1 and the run's 5 steps"):
+        run("long", "--run-dir", str(tmp_path / "long"), "--progressive", "6")

@@ -7,6 +7,7 @@ Markdown and PNG are rendered from it, so ``revllm bench report`` can rebuild th
 from __future__ import annotations
 
 import json
+import statistics
 from io import BytesIO
 from pathlib import Path
 
@@ -193,6 +194,39 @@ def _md_allocator(result):
     for v in variants[1:]:
         r, c = step_time_ratio(rows, v), step_time_ratio(rows, v, key="step_cpu_times")
         out.append(f"| {v} | {'n/a' if r is None else f'{r:.3f}x'} | {'n/a' if c is None else f'{c:.3f}x'} |")
+    return out + _md_kernel_work(rows, configs, depths, variants)
+
+
+def _md_kernel_work(rows, configs, depths, variants):
+    """The allocator's own cost, per step: kernel (system) seconds and minor page faults, and the kernel
+    seconds added over glibc's default as a share of the default's step time."""
+    if not any("step_sys_times" in r for r in rows):
+        return []
+    med = lambda r, k: statistics.median(r[k][1:] or r[k])  # noqa: E731
+    by = {(r["config"], r["layers"], r["variant"]): r for r in rows if r.get("ok") and "step_sys_times" in r}
+    out = [
+        "",
+        "## The allocator's own work per step (median after the first step): kernel seconds, minor page faults,",
+        "and the kernel seconds added over glibc's default as a share of its step time",
+        "",
+        "| config | layers | allocator | kernel s/step | minor faults/step | added kernel time |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for c in configs:
+        for d in depths:
+            base = by.get((c, d, "system"))
+            for v in variants:
+                r = by.get((c, d, v))
+                if r is None:
+                    continue
+                added = (
+                    ""
+                    if base is None
+                    else f"{100 * (med(r, 'step_sys_times') - med(base, 'step_sys_times')) / med(base, 'step_times'):+.1f}%"
+                )
+                out.append(
+                    f"| {c} | {d} | {v} | {med(r, 'step_sys_times'):.3f} | {med(r, 'step_minor_faults'):,.0f} | {added} |"
+                )
     return out
 
 

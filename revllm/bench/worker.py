@@ -26,7 +26,15 @@ import traceback
 
 import torch
 
-from ..memory import SavedBytes, configure_allocator, cpu_seconds, peak_rss_bytes, rss_bytes, vm_bytes
+from ..memory import (
+    SavedBytes,
+    configure_allocator,
+    cpu_seconds,
+    kernel_work,
+    peak_rss_bytes,
+    rss_bytes,
+    vm_bytes,
+)
 from .configs import Spec, build_model, make_batch, preallocate_grads, sync, train_step
 from .finetune import run_row
 from .process import PREFIX
@@ -78,13 +86,17 @@ def _measure(task: str, out: dict, model, ids, spec: Spec, opt, steps: int, warm
         sync(spec.device)
         out["step_seconds"] = time.perf_counter() - t0
     elif task == "train":
-        times, cpu = [], []
+        times, cpu, sys_s, faults = [], [], [], []
         for _ in range(steps):
-            t0, c0 = time.perf_counter(), cpu_seconds()
+            t0, c0, (s0, f0) = time.perf_counter(), cpu_seconds(), kernel_work()
             train_step(model, ids, spec, opt)
             times.append(time.perf_counter() - t0)
             cpu.append(cpu_seconds() - c0)  # user + system: page faults of mmapped tensors count here
+            s1, f1 = kernel_work()
+            sys_s.append(s1 - s0)
+            faults.append(f1 - f0)
         out["step_times"], out["step_cpu_times"] = times, cpu
+        out["step_sys_times"], out["step_minor_faults"] = sys_s, faults
     elif task == "throughput":
         for _ in range(warmup):
             train_step(model, ids, spec, opt)

@@ -133,9 +133,12 @@ class O1DistillLoss(DistillLoss):
         steps: int = 1,
         start_step: int = 0,
         grad_accum: int = 1,
+        progressive: ProgressiveConversion | None = None,
         **kw,
     ):
         super().__init__(teacher, **kw)
+        self.progressive = progressive
+        self.residual = None if progressive is None else len(progressive.pending(start_step))
         if layer_weight < 0 or layer_weight_end < 0:
             raise ValueError(f"layer weights must be >= 0, got {layer_weight}, {layer_weight_end}")
         self.w0, self.w1, self.steps, self.grad_accum = (
@@ -146,6 +149,7 @@ class O1DistillLoss(DistillLoss):
         )
         self.calls = start_step * grad_accum
         self.metric_names = (*self.metric_names, "layer_err", "layer_weight")
+        self.metric_names += ("residual_layers",) if progressive is not None else ()
 
     def weight_at(self, step: int) -> float:
         frac = min(step / self.steps, 1.0)
@@ -155,9 +159,12 @@ class O1DistillLoss(DistillLoss):
         if not self._checked:
             self.check(model)
             self._checked = True
-        w = self.weight_at(self.calls // self.grad_accum)
+        step = self.calls // self.grad_accum
+        w = self.weight_at(step)
         if model.training:  # evaluation calls leave the schedule alone
             self.calls += 1
+            if self.progressive is not None:
+                self.residual = self.progressive.apply(model, step)
         ids = batch["input_ids"]
         with torch.no_grad(), LayerStates(self.teacher) as st:
             _, t_hidden = _run_with_final_hidden(self.teacher, ids, logits_to_keep=1)
@@ -170,7 +177,41 @@ class O1DistillLoss(DistillLoss):
             loss = loss + w * err
             metrics["layer_err"] = err.item()
         metrics["layer_weight"] = w
+        if self.progressive is not None:
+            metrics["residual_layers"] = self.residual
         return loss, metrics
+
+
+class ProgressiveConversion:
+    """Progressive conversion: the boundary between residual and reversible layers moves through the stack.
+
+    The student starts as the teacher (every layer the plain residual step, ``stored_layers``) and the layers
+    in ``order`` switch to the O(1) rule one by one, evenly over the first ``steps`` optimizer steps; from
+    then on only ``hard`` stays stored, as the converted model's config says. Each switch perturbs a model
+    already close to the teacher, instead of starting all layers at once from a perplexity of ~10^4.
+    ``order="up"`` switches layer 0 first, ``"down"`` the last layer first."""
+
+    def __init__(self, num_layers: int, hard, steps: int, order: str = "up"):
+        if order not in ("up", "down"):
+            raise RevLLMError(f"progressive order must be 'up' or 'down', got {order!r}")
+        if steps < 1:
+            raise RevLLMError(f"progressive conversion needs at least one step, got {steps}")
+        self.hard = frozenset(hard or ())
+        layers = [j for j in range(num_layers) if j not in self.hard]
+        self.order, self.steps = layers if order == "up" else layers[::-1], int(steps)
+
+    def pending(self, step: int) -> list[int]:
+        """Layers still on the residual step at optimizer step ``step`` (0-based): none from step
+        ``steps - 1`` on; at step -1 (before training) all of them."""
+        n = len(self.order)
+        switched = min(n, -(-(step + 1) * n // self.steps))  # ceil: the first layer switches at step 0
+        return sorted(self.order[switched:])
+
+    def apply(self, model, step: int) -> int:
+        """Set the model's stored layers for ``step``; returns how many layers are still residual."""
+        pending = self.pending(step)
+        _unwrap(model).dynamics.stored_layers = self.hard | frozenset(pending)
+        return len(pending)
 
 
 def recipe_state(run: Path, recipe: dict | None, resume: bool) -> tuple[dict, int]:
