@@ -362,8 +362,12 @@ def report(args):
     ]
     for name, r in runs.items():
         at = {p["tokens"]: p["perplexity"] for p in r["curve"]}
-        cells = [f"{at[m]:.4g}" if m in at else "" for m in MARKS]
+        left = {p["tokens"]: p.get("residual_layers") for p in r["curve"]}
+        # a progressive run's early marks are partly residual models (O(L) memory): say how many layers
+        cells = [f"{at[m]:.4g}" + (f" ({left[m]} residual)" if left[m] else "") if m in at else "" for m in MARKS]
         rule = r["dynamics"] + (f" k={r['k']}" if r.get("k") is not None else "")
+        if r.get("recipe", {}).get("progressive"):
+            rule += f", progressive {r['recipe']['progressive_order']} over {r['recipe']['progressive']} steps"
         md.append(
             f"| {name}{' (partial)' if r.get('partial') else ''} | {rule} | {r['hard_layers'] or '–'} | "
             f"{r['layer_weight']:g}→{r['layer_weight_end']:g} | {_lr_cell(r)} | " + " | ".join(cells) + " |"
@@ -373,7 +377,7 @@ def report(args):
     budget = 12800
     front = []
     for name, r in runs.items():
-        at = {p["tokens"]: p["perplexity"] for p in r["curve"]}
+        at = {p["tokens"]: p["perplexity"] for p in r["curve"] if not p.get("residual_layers")}
         if budget in at:
             bits = r["k"] if r.get("k") is not None else 32 * len(r["hard_layers"] or []) / L
             front.append((name, bits, at[budget]))

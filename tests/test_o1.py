@@ -380,3 +380,35 @@ def test_convert_o1_benchmark_progressive_run_starts_at_the_teacher_and_resumes_
     assert split["curve"] == whole["curve"]
     with pytest.raises(SystemExit, match="between 1 and the run's 5 steps"):
         run("long", "--run-dir", str(tmp_path / "long"), "--progressive", "6")
+
+
+def test_convert_o1_report_marks_partly_residual_points_and_keeps_them_off_the_frontier(monkeypatch, tmp_path):
+    """A progressive run's early marks are partly residual models (O(L) memory): the table says how many
+    layers are still residual, and the O(1) frontier leaves those marks out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
+    spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "convert_o1")
+    (tmp_path / "convert_o1").mkdir()
+    (tmp_path / "convert_smollm2.json").write_text(
+        json.dumps({"before": {"original": {"perplexity": 18.0}}, "distill": {}})
+    )
+
+    def run(name, curve, **recipe):
+        r = {"dynamics": "leapfrog", "k": None, "hard_layers": [11, 28], "layer_weight": 0.0, "layer_weight_end": 0.0}
+        r |= {"lr": 3e-4, "recipe": recipe, "command": f"run {name}", "curve": curve}
+        (tmp_path / "convert_o1" / f"{name}.json").write_text(json.dumps(r))
+
+    run("prog", [{"tokens": 12800, "perplexity": 46.4, "residual_layers": 14}, {"tokens": 25600, "perplexity": 58.3,
+        "residual_layers": 0}], progressive=50, progressive_order="up")  # fmt: skip
+    run("plain", [{"tokens": 12800, "perplexity": 77.9}])
+    mod.report(None)
+    md = (tmp_path / "convert_o1.md").read_text()
+    assert "| prog | leapfrog, progressive up over 50 steps |" in md and "46.4 (14 residual) | 58.3 |" in md
+    front = json.loads((tmp_path / "convert_o1.json").read_text())["frontier"]
+    assert [f[0] for f in front] == ["plain"]
