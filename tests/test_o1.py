@@ -266,15 +266,22 @@ def _bench_source(root):
     return root
 
 
-def _bench(monkeypatch, tmp_path):
+def _bench_module():
+    """benchmarks/convert_o1.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    import sys
     from pathlib import Path
 
     path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
     spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(monkeypatch, tmp_path):
+    import sys
+
+    mod = _bench_module()
     monkeypatch.setattr(mod, "RUNS", tmp_path / "results")
     src = _bench_source(tmp_path)
     flags = f"--source {src} --kjv {src / 'kjv.txt'} --hard-layers 1 --tokens 160 --seq-len 16 --batch-size 2"
@@ -351,13 +358,7 @@ def test_convert_o1_benchmark_branch_continues_another_runs_checkpoint(monkeypat
 def test_convert_o1_benchmark_resumes_a_checkpoint_older_than_a_recipe_key():
     """A checkpoint written before --lr-end and --branch-from existed has no such keys; they were None then,
     so it resumes (the 409,600-token run did) unless a key really differs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
-    spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module()
     mine = dict.fromkeys(mod.RECIPE) | {"dynamics": "leapfrog", "lr": 3e-4, "source": "smollm2"}
     old = {k: v for k, v in mine.items() if k not in ("lr_end", "branch_from")}
     assert mod.recipe_diff(old, mine) == []
@@ -385,13 +386,7 @@ def test_convert_o1_benchmark_progressive_run_starts_at_the_teacher_and_resumes_
 def test_convert_o1_report_marks_partly_residual_points_and_keeps_them_off_the_frontier(monkeypatch, tmp_path):
     """A progressive run's early marks are partly residual models (O(L) memory): the table says how many
     layers are still residual, and the O(1) frontier leaves those marks out."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "convert_o1.py"
-    spec = importlib.util.spec_from_file_location("convert_o1_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module()
     monkeypatch.setattr(mod, "RESULTS", tmp_path)
     monkeypatch.setattr(mod, "RUNS", tmp_path / "convert_o1")
     (tmp_path / "convert_o1").mkdir()

@@ -219,14 +219,11 @@ def _md_kernel_work(rows, configs, depths, variants):
                 r = by.get((c, d, v))
                 if r is None:
                     continue
-                added = (
-                    ""
-                    if base is None
-                    else f"{100 * (med(r, 'step_sys_times') - med(base, 'step_sys_times')) / med(base, 'step_times'):+.1f}%"
-                )
-                out.append(
-                    f"| {c} | {d} | {v} | {med(r, 'step_sys_times'):.3f} | {med(r, 'step_minor_faults'):,.0f} | {added} |"
-                )
+                sys_s, faults = med(r, "step_sys_times"), med(r, "step_minor_faults")
+                added = ""
+                if base is not None:
+                    added = f"{100 * (sys_s - med(base, 'step_sys_times')) / med(base, 'step_times'):+.1f}%"
+                out.append(f"| {c} | {d} | {v} | {sys_s:.3f} | {faults:,.0f} | {added} |")
     return out
 
 
