@@ -235,14 +235,14 @@ def test_low_precision_logits_get_an_fp32_softmax(dtype, chunk):
 
 @pytest.mark.parametrize("frozen", ["head", "hidden"])
 def test_chunks_are_recomputed_whenever_anything_needs_a_gradient(monkeypatch, frozen):
-    """Chunked path: each chunk's logits are rebuilt in the backward (checkpointed) when either the hidden
-    states or the LM head needs a gradient; without grad each chunk is evaluated once."""
+    """Chunked path (bf16): each chunk's logits are rebuilt in the backward (checkpointed) when either the
+    hidden states or the LM head needs a gradient; without grad each chunk is evaluated once."""
     from revllm.modeling import loss as loss_mod
 
     calls, inner = [], loss_mod._chunk_loss_sum
     monkeypatch.setattr(loss_mod, "_chunk_loss_sum", lambda h, *a: calls.append(h.shape[0]) or inner(h, *a))
-    hidden = torch.randn(2, 9, 8, requires_grad=frozen == "head")
-    head = torch.nn.Linear(8, 13)
+    hidden = torch.randn(2, 9, 8, dtype=torch.bfloat16, requires_grad=frozen == "head")
+    head = torch.nn.Linear(8, 13, dtype=torch.bfloat16)
     head.requires_grad_(frozen == "hidden")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's "use_reentrant should be passed explicitly": no noise per step

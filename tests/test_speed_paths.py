@@ -8,7 +8,7 @@ from revllm.modeling import loss as loss_mod
 from revllm.modeling.loss import chunked_causal_lm_loss, loss_path
 
 
-def _loss_and_grads(chunk, dtype=torch.float64):
+def _loss_and_grads(chunk, dtype=torch.float64, scale=1.0):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 8, generator=g, dtype=dtype, requires_grad=True)
     torch.manual_seed(0)
@@ -16,7 +16,21 @@ def _loss_and_grads(chunk, dtype=torch.float64):
     labels = torch.randint(0, 13, (3, 11), generator=g)
     labels[1, :4] = -100
     loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
-    loss.backward()
+    (scale * loss).backward()
+    return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
+
+
+def _reference(dtype=torch.float64, scale=1.0):
+    """The same loss through ordinary autograd on the full logits."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 8, generator=g, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=True).to(dtype)
+    labels = torch.randint(0, 13, (3, 11), generator=g)
+    labels[1, :4] = -100
+    logits = head(hidden[:, :-1]).reshape(-1, 13)
+    loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    (scale * loss).backward()
     return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
 
 
@@ -32,37 +46,145 @@ def _count_head_evaluations(monkeypatch):
     return calls
 
 
-def test_loss_path_threshold():
-    assert loss_path(30, 30) == "full" and loss_path(0, 1) == "full"
-    assert loss_path(31, 30) == "chunked"
+def test_loss_path_choice():
+    """fp32 / fp64 take the fused path whatever the length; low precision, autocast or mixed dtypes take
+    the full logits when they fit in one chunk, else the checkpointed chunks."""
+    assert loss_path(10**6, 30, torch.float32) == "fused" and loss_path(5, 30, torch.float64) == "fused"
+    assert loss_path(30, 30, torch.bfloat16) == "full" and loss_path(0, 1, torch.float16) == "full"
+    assert loss_path(31, 30, torch.bfloat16) == "chunked"
+    assert loss_path(31, 30, torch.float32, autocast=True) == "chunked"
+    assert loss_path(30, 30, None) == "full"
 
 
-def test_full_and_chunked_loss_agree_in_float64():
-    full = _loss_and_grads(chunk=1000)
-    for chunk in (1, 7, 29):
-        for a, b in zip(full, _loss_and_grads(chunk)):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+@pytest.mark.parametrize("path", ["fused", "full", "chunked"])
+@pytest.mark.parametrize("chunk", [1, 7, 29, 1000])
+def test_every_loss_path_matches_autograd_in_float64(monkeypatch, path, chunk):
+    """Loss and the gradients of hidden states, weight and bias against F.cross_entropy on the full logits,
+    with ignored labels and an upstream gradient that is not 1."""
+    if path != "fused":
+        monkeypatch.setattr(loss_mod, "loss_path", lambda n, c, *a: "chunked" if path == "chunked" else "full")
+    ref = _reference(scale=2.5)
+    for a, b in zip(ref, _loss_and_grads(chunk, scale=2.5)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_fused_loss_makes_only_the_gradients_asked_for(frozen):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=frozen == "head")
+    head = torch.nn.Linear(8, 13, dtype=torch.float64).requires_grad_(frozen == "hidden")
+    labels = torch.randint(0, 13, (2, 9), generator=g)
+    loss = chunked_causal_lm_loss(hidden, head, labels, 4)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 13), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    assert (hidden.grad is None) == (frozen == "hidden")
+    assert (head.weight.grad is None) == (frozen == "head") and (head.bias.grad is None) == (frozen == "head")
+
+
+def test_fused_loss_backward_twice_with_retain_graph():
+    """The saved gradients are scaled out of place: a second backward gives the same gradients again."""
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 13, dtype=torch.float64)
+    loss = chunked_causal_lm_loss(hidden, head, torch.randint(0, 13, (2, 9)), 4)
+    (first,) = torch.autograd.grad(3 * loss, hidden, retain_graph=True)
+    (second,) = torch.autograd.grad(3 * loss, hidden)
+    assert torch.equal(first, second)
+
+
+def test_fused_loss_ignores_nan_in_ignored_rows():
+    """A NaN hidden state at a position whose label is -100 adds nothing to the loss, and its row of the
+    hidden-state gradient is 0 (autograd's log-softmax backward makes that row NaN); every other row
+    equals autograd on the full logits."""
+    hidden = torch.randn(1, 6, 4, dtype=torch.float64)
+    hidden[0, 2] = float("nan")
+    labels = torch.randint(0, 7, (1, 6))
+    labels[0, 3] = -100  # the label of position 2 (shifted)
+    out = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 7, dtype=torch.float64)
+        if fused:
+            loss = chunked_causal_lm_loss(h, head, labels, 2)
+        else:
+            logits = head(h[:, :-1]).reshape(-1, 7)
+            loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        out.append((loss.detach(), h.grad))
+    (loss, grad), (ref_loss, ref_grad) = out
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[0, 2] == 0).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    rows = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(grad[0, rows], ref_grad[0, rows], rtol=1e-12, atol=1e-14)
+
+
+def test_fused_loss_allocates_one_logits_buffer():
+    """However many chunks, forward + backward create a single (chunk, V) tensor (the reused buffer); the
+    checkpointed path creates several per chunk. Counted at the dispatcher, fresh storages only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fresh(TorchDispatchMode):
+        def __init__(self, big):
+            super().__init__()
+            self.big, self.count = big, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() >= self.big and t.untyped_storage().data_ptr() not in seen:
+                    self.count += 1
+            return out
+
+    hidden = torch.randn(4, 33, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 500, bias=False)
+    labels = torch.randint(0, 500, (4, 33))
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):  # bf16 takes the checkpointed path
+        h, w = hidden.detach().to(dtype).requires_grad_(True), head.to(dtype)
+        with Fresh(16 * 500) as mode:
+            chunked_causal_lm_loss(h, w, labels, 16).backward()  # 128 tokens: 8 chunks
+        counts[dtype] = mode.count
+    assert counts[torch.float32] == 1
+    assert counts[torch.bfloat16] >= 8 * 3
+
+
+def test_low_precision_chunked_loss_agrees_with_full():
+    full = _loss_and_grads(chunk=1000, dtype=torch.bfloat16)
+    chunked = _loss_and_grads(chunk=7, dtype=torch.bfloat16)
+    for a, b in zip(full, chunked):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_one_chunk_evaluates_the_head_once(monkeypatch):
     calls = _count_head_evaluations(monkeypatch)
-    _loss_and_grads(chunk=30)  # 3 * 10 = 30 shifted tokens: one chunk
+    _loss_and_grads(chunk=30, dtype=torch.bfloat16)  # 3 * 10 = 30 shifted tokens: one chunk
     assert calls == [30]  # no recompute in the backward
 
 
 def test_beyond_one_chunk_recomputes_each_chunk(monkeypatch):
     calls = _count_head_evaluations(monkeypatch)
-    _loss_and_grads(chunk=16)  # 30 tokens: chunks of 16 and 14, each rebuilt in the backward
+    _loss_and_grads(chunk=16, dtype=torch.bfloat16)  # 30 tokens: chunks of 16 and 14, rebuilt in the backward
     assert sorted(calls) == [14, 14, 16, 16]
 
 
 @pytest.mark.parametrize("chunk, expected", [(64, [38]), (16, [16, 16, 6] * 2)])
 def test_model_loss_picks_path_by_chunk_size(monkeypatch, chunk, expected):
+    """Under autocast the model's loss takes the full logits or the checkpointed chunks; in fp32 the fused path."""
     calls = _count_head_evaluations(monkeypatch)
     model = tiny_model(loss_chunk_size=chunk)
     ids = torch.randint(0, 97, (2, 20))
-    model(ids, labels=ids).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids).loss.backward()
     assert sorted(calls) == sorted(expected)
+    calls.clear()
+    model(ids, labels=ids).loss.backward()
+    assert calls == []
 
 
 def test_euler_builds_no_unused_initial_state():
