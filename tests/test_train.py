@@ -297,3 +297,28 @@ def test_loss_fn_metric_names_get_csv_columns(tmp_path, token_dir):
     train(tiny_train_config(token_dir, run, max_steps=2), loss_fn=WithKL())
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[0].endswith(",kl") and all(ln.endswith(",0.25") for ln in lines[1:])
+
+
+def test_evaluation_loss_builds_no_full_logits():
+    """The loop's loss under no_grad (its evaluation) asks a RevLLM model for one logit position, so the
+    (B, T, V) logits are never built; the loss is the same. An HF model (wrapped in peft, whose base model
+    is what is checked) computes its loss from its own logits and gets the call unchanged."""
+    from conftest import tiny_model
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 12))
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(model, {"input_ids": ids})
+        ref = model(input_ids=ids, labels=ids)
+    assert widths == [1, 12]  # ours: one position; a plain call: every position
+    assert torch.equal(loss, ref.loss)
+
+    from hf_tiny import tiny_hf
+    from peft import LoraConfig, get_peft_model
+
+    hf = get_peft_model(tiny_hf("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(hf, {"input_ids": ids})
+        torch.testing.assert_close(loss, hf(input_ids=ids, labels=ids).loss, rtol=0, atol=0)

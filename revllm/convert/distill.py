@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RevLLMError
-
-
-def _unwrap(model):
-    """The underlying model of peft / DDP wrappers, in any nesting (DDP(PeftModel(model)) under torchrun)."""
-    while True:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
-        if inner is model:
-            return model
-        model = inner
+from ..parallel.wrap import base_model as _unwrap
 
 
 def final_norm(model):

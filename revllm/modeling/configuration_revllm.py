@@ -24,8 +24,9 @@ Field names follow Hugging Face (``num_hidden_layers``, ``hidden_size``, ...). T
 * ``stored_layers``: layers that take the plain residual step p_{j+1} = p_j + f_j(p_j) instead of the
   rule, and whose input the memory-free backward keeps instead of reconstructing (one stream each): a
   per-layer choice of rule for the few layers a conversion cannot make reversible (issue 14).
-* ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: full logits are held only when all
-  tokens fit in one chunk (then they are computed directly, as HF does; see ``modeling/loss.py``).
+* ``loss_chunk_size``: tokens per chunk of the LM-head cross-entropy: at most loss_chunk_size x V logits
+  exist at once (fp32 / fp64: one reused buffer; low precision: the full logits when they fit in one chunk,
+  as HF computes them, else checkpointed chunks; see ``modeling/loss.py``).
 """
 
 from __future__ import annotations

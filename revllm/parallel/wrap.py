@@ -64,6 +64,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model inside any nesting of DDP and peft wrappers (DDP(PeftModel(model)) under torchrun)."""
+    while True:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+        if inner is model:
+            return model
+        model = inner
+
+
 def parallelize(
     model: nn.Module,
     mode: str = "ddp",

@@ -74,6 +74,7 @@ from ..memory import SavedBytes, configure_allocator, cpu_seconds, peak_rss_byte
 from ..modeling import RevLLMConfig, RevLLMForCausalLM
 from ..parallel import ddp_static_graph, gradient_sync, parallelize
 from ..parallel.full_state import full_model_copy, full_optimizer_state, load_full_optimizer_state
+from ..parallel.wrap import base_model
 from . import checkpoint as ckpt_io
 from .config import ARCH_KEYS, RESUME_MUTABLE, TrainConfig, build_config
 from .optim import build_optimizer, build_scheduler
@@ -83,7 +84,11 @@ CSV_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_s", 
 
 def causal_lm_loss(model, batch):
     ids = batch["input_ids"]
-    return model(input_ids=ids, labels=ids).loss, {}
+    # Only the loss is used. A RevLLM model asked for one logit position builds no (B, T, V) logits in
+    # evaluation either (16 x 512 tokens x 49,152 in fp32 is 1.6 GB: it was the whole run's peak). HF models
+    # compute their loss from those logits, so they get the call unchanged.
+    keep = {"logits_to_keep": 1} if isinstance(base_model(model), RevLLMForCausalLM) else {}
+    return model(input_ids=ids, labels=ids, **keep).loss, {}
 
 
 def memory_mb(device) -> float:
