@@ -295,28 +295,39 @@ def test_midpoint_a_seeded_draw_is_reproducible():
     assert draw_midpoint_a(cfg) == [-1.25, -1.0, 1.25, 1.25, 0.625, 0.5]  # the draw above rounded to m/8
 
 
-@pytest.mark.parametrize("chunk", [4, 64])
-def test_loss_uses_the_heads_bias(chunk):
-    """An LM head with a bias (GPT-2 style heads may have one): logits = h W^T + b in both loss paths."""
+@pytest.mark.parametrize("path", ["fused", "full", "chunked"])
+def test_loss_uses_the_heads_bias(monkeypatch, path):
+    """An LM head with a bias (GPT-2 style heads may have one): logits = h W^T + b in every loss path, with
+    and without grad (float64; the low-precision paths forced)."""
+    from revllm.modeling import loss as loss_mod
+
+    if path != "fused":
+        monkeypatch.setattr(loss_mod, "loss_path", lambda *a: path)
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64)
     head = torch.nn.Linear(8, 13, dtype=torch.float64)
     torch.nn.init.normal_(head.bias, std=2.0)
     labels = torch.randint(0, 13, (2, 9), generator=g)
     ref = F.cross_entropy(F.linear(hidden[:, :-1].reshape(-1, 8), head.weight, head.bias), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk), ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, 4), ref, rtol=1e-12, atol=0)
     with torch.no_grad():  # evaluation: the chunks are not checkpointed
-        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk), ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, 4), ref, rtol=1e-12, atol=0)
 
 
-def test_chunked_loss_supports_autograd_grad():
-    """torch.autograd.grad through the chunked loss (reentrant checkpointing would refuse it)."""
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_chunked_loss_supports_autograd_grad(monkeypatch, path):
+    """torch.autograd.grad through the loss (reentrant checkpointing would refuse it), in the fused path
+    and the checkpointed one (forced in float64)."""
+    from revllm.modeling import loss as loss_mod
+
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
     head = torch.nn.Linear(8, 13, dtype=torch.float64)
     labels = torch.randint(0, 13, (2, 9), generator=g)
-    (chunked,) = torch.autograd.grad(chunked_causal_lm_loss(hidden, head, labels, 4), hidden)
     (full,) = torch.autograd.grad(chunked_causal_lm_loss(hidden, head, labels, 64), hidden)
+    if path != "fused":
+        monkeypatch.setattr(loss_mod, "loss_path", lambda *a: path)
+    (chunked,) = torch.autograd.grad(chunked_causal_lm_loss(hidden, head, labels, 4), hidden)
     torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-15)
 
 

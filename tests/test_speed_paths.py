@@ -1,7 +1,10 @@
 """Fast paths of the training step (issue 20): each must be the same function as the path it replaces."""
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 from revllm.modeling import loss as loss_mod
@@ -47,13 +50,12 @@ def _count_head_evaluations(monkeypatch):
 
 
 def test_loss_path_choice():
-    """fp32 / fp64 take the fused path whatever the length; low precision, autocast or mixed dtypes take
-    the full logits when they fit in one chunk, else the checkpointed chunks."""
+    """fp32 / fp64 take the fused path whatever the length; low precision or autocast take the full logits
+    when they fit in one chunk, else the checkpointed chunks."""
     assert loss_path(10**6, 30, torch.float32) == "fused" and loss_path(5, 30, torch.float64) == "fused"
     assert loss_path(30, 30, torch.bfloat16) == "full" and loss_path(0, 1, torch.float16) == "full"
     assert loss_path(31, 30, torch.bfloat16) == "chunked"
     assert loss_path(31, 30, torch.float32, autocast=True) == "chunked"
-    assert loss_path(30, 30, None) == "full"
 
 
 @pytest.mark.parametrize("path", ["fused", "full", "chunked"])
@@ -64,22 +66,42 @@ def test_every_loss_path_matches_autograd_in_float64(monkeypatch, path, chunk):
     if path != "fused":
         monkeypatch.setattr(loss_mod, "loss_path", lambda n, c, *a: "chunked" if path == "chunked" else "full")
     ref = _reference(scale=2.5)
-    for a, b in zip(ref, _loss_and_grads(chunk, scale=2.5)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an out= tensor of the wrong shape resized behind our back
+        mine = _loss_and_grads(chunk, scale=2.5)
+    for a, b in zip(ref, mine):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("frozen", ["head", "hidden"])
-def test_fused_loss_makes_only_the_gradients_asked_for(frozen):
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", ["head", "hidden", "none"])
+def test_fused_loss_makes_only_the_gradients_asked_for(frozen, bias):
+    """The gradients that are needed equal autograd's on the full logits; the others are neither computed
+    nor held (the Function saves None for them)."""
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=frozen == "head")
-    head = torch.nn.Linear(8, 13, dtype=torch.float64).requires_grad_(frozen == "hidden")
+    hidden = torch.randn(2, 9, 8, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 13, bias=bias, dtype=torch.float64).requires_grad_(frozen != "head")
+    ref_head = torch.nn.Linear(8, 13, bias=bias, dtype=torch.float64).requires_grad_(frozen != "head")
+    ref_head.load_state_dict(head.state_dict())
     labels = torch.randint(0, 13, (2, 9), generator=g)
-    loss = chunked_causal_lm_loss(hidden, head, labels, 4)
-    loss.backward()
-    ref = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 13), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
-    assert (hidden.grad is None) == (frozen == "hidden")
-    assert (head.weight.grad is None) == (frozen == "head") and (head.bias.grad is None) == (frozen == "head")
+    h, ref_h = (hidden.clone().requires_grad_(frozen != "hidden") for _ in range(2))
+    out = loss_mod.LinearCrossEntropy.apply(
+        h[:, :-1].reshape(-1, 8), head.weight, head.bias, labels[:, 1:].reshape(-1), 4
+    )
+    saved_h, saved_w, saved_b = out.grad_fn.saved_tensors
+    assert (saved_h is None) == (frozen == "hidden")
+    assert (saved_w is None) == (frozen == "head") and (saved_b is None) == (frozen == "head" or not bias)
+    out.backward()
+    ref = F.cross_entropy(ref_head(ref_h[:, :-1]).reshape(-1, 13), labels[:, 1:].reshape(-1), reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=0)
+    pairs = [(h, ref_h), (head.weight, ref_head.weight)] + ([(head.bias, ref_head.bias)] if bias else [])
+    for mine, theirs in pairs:
+        if theirs.requires_grad:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-14)
+        else:
+            assert mine.grad is None
 
 
 def test_fused_loss_backward_twice_with_retain_graph():

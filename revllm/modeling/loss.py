@@ -79,9 +79,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *scale, None, None
 
 
-def loss_path(
-    n_tokens: int, chunk_tokens: int, dtype: torch.dtype | None = torch.float32, autocast: bool = False
-) -> str:
+def loss_path(n_tokens: int, chunk_tokens: int, dtype: torch.dtype = torch.float32, autocast: bool = False) -> str:
     """``"fused"`` for fp32 / fp64 without autocast; otherwise ``"full"`` (one pass, no recompute) when the
     tokens fit in one chunk, else ``"chunked"``."""
     if dtype in (torch.float32, torch.float64) and not autocast and not torch.compiler.is_compiling():
@@ -101,10 +99,9 @@ def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens: int) -> torch.
     # Start from an (empty) sum of hidden: a sequence of one token has no chunks, and its NaN loss must
     # still be part of the graph, as HF's is.
     total = hidden[:, :0].sum().to(torch.promote_types(hidden.dtype, torch.float32))
-    dtype = h.dtype if h.dtype == lm_head.weight.dtype else None  # mixed dtypes: F.linear's promotion
     kind = hidden.device.type
     autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    path = loss_path(h.shape[0], chunk_tokens, dtype, autocast)
+    path = loss_path(h.shape[0], chunk_tokens, h.dtype, autocast)
     if path == "fused":
         return (total + LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_tokens)) / count
     grad = torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad)
