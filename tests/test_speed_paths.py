@@ -11,28 +11,20 @@ from revllm.modeling import loss as loss_mod
 from revllm.modeling.loss import chunked_causal_lm_loss, loss_path
 
 
-def _loss_and_grads(chunk, dtype=torch.float64, scale=1.0):
+def _loss_and_grads(chunk, dtype=torch.float64, scale=1.0, reference=False):
+    """Loss and the gradients of hidden states, weight and bias, through revllm's loss or (``reference``)
+    ordinary autograd on the full logits; the same inputs every call, 4 ignored labels."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 8, generator=g, dtype=dtype, requires_grad=True)
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13, bias=True).to(dtype)
     labels = torch.randint(0, 13, (3, 11), generator=g)
     labels[1, :4] = -100
-    loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
-    (scale * loss).backward()
-    return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
-
-
-def _reference(dtype=torch.float64, scale=1.0):
-    """The same loss through ordinary autograd on the full logits."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 8, generator=g, dtype=dtype, requires_grad=True)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 13, bias=True).to(dtype)
-    labels = torch.randint(0, 13, (3, 11), generator=g)
-    labels[1, :4] = -100
-    logits = head(hidden[:, :-1]).reshape(-1, 13)
-    loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    if reference:
+        logits = head(hidden[:, :-1]).reshape(-1, 13)
+        loss = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
     (scale * loss).backward()
     return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
 
@@ -65,7 +57,7 @@ def test_every_loss_path_matches_autograd_in_float64(monkeypatch, path, chunk):
     with ignored labels and an upstream gradient that is not 1."""
     if path != "fused":
         monkeypatch.setattr(loss_mod, "loss_path", lambda n, c, *a: "chunked" if path == "chunked" else "full")
-    ref = _reference(scale=2.5)
+    ref = _loss_and_grads(None, scale=2.5, reference=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. an out= tensor of the wrong shape resized behind our back
         mine = _loss_and_grads(chunk, scale=2.5)
